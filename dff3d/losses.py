@@ -1,0 +1,106 @@
+"""The loss terms of the paper (Sec. 3.3), one function each; every term is averaged over
+the batch so weights do not depend on the batch size.
+
+Landmark coordinates enter L_land and L_land_error divided by the image size S (so a 1 px error
+at S = 224 costs (1/224)^2): with that normalisation the paper's weights (w_land 400, w_photo
+100, w_reg 1) give terms of comparable size, as in Deep3DFaceRecon whose pixel-unit landmark
+weight 1.6e-3 equals 400 / 224^2 x ~0.2. See BUILD_NOTES.md, "Losses".
+"""
+
+import flax
+import jax.numpy as jnp
+
+from dff3d import landmarks as lm
+
+# Regulariser weights of L_reg (paper): identity, albedo, expression.
+REG_IDENTITY, REG_ALBEDO, REG_EXPRESSION = 2e-5, 2e-2, 4e-4
+
+
+@flax.struct.dataclass
+class LossWeights:
+  """Weights of the total loss; defaults are the paper's (Sec. 3.3)."""
+  land: float = 400.0
+  land_error: float = 2000.0
+  photo: float = 100.0
+  dff: float = 1e-6
+  reg: float = 1.0
+
+
+def landmark_loss(pred, target, weights=None, image_size=224.0):
+  """L_land = sum_i w_i ||v_i - v_hat_i||^2, coordinates divided by image_size.
+
+  Args:
+    pred, target: (B, 68, 2) pixels.
+    weights: (68,) or (B, 68); default 1 inner / 0.5 contour (paper Fig. 2). Multiply by a
+      visibility mask to drop missing ground-truth points.
+    image_size: S, the crop side in pixels.
+  Returns:
+    scalar, mean over the batch of the per-image weighted sum.
+  """
+  if weights is None:
+    weights = jnp.asarray(lm.landmark_weights())
+  d2 = jnp.sum(jnp.square((pred - target) / image_size), -1)  # (B, 68)
+  return jnp.mean(jnp.sum(weights * d2, -1))
+
+
+def landmark_error_loss(pred, target, point_error, image_size=224.0):
+  """L_land_error = sum over the 52 inner points of e_i ||v_i - v_hat_i||^2.
+
+  Args:
+    pred, target: (B, 68, 2) pixels.
+    point_error: (68,) each landmark's mean error over the previous epoch (any consistent unit;
+      the training loop uses the normalised distance); contour entries are ignored.
+  Returns:
+    scalar, mean over the batch.
+  """
+  mask = jnp.zeros((lm.NUM_LANDMARKS,)).at[lm.INNER].set(1.0)
+  return landmark_loss(pred, target, mask * point_error, image_size)
+
+
+def photometric_loss(image, rendered, mask, eps=1e-6):
+  """L_photo = (1 / |V|) sum_{i in V} ||I_i - I'_i||_2 over rendered face pixels V.
+
+  Args:
+    image, rendered: (B, H, W, 3) in [0, 1].
+    mask: (B, H, W) in [0, 1], the rendered face's coverage (soft at the outline).
+    eps: keeps the gradient of the norm finite where the colours agree exactly.
+  Returns:
+    scalar, mean over the batch of each image's masked mean colour distance.
+  """
+  dist = jnp.sqrt(jnp.sum(jnp.square(image - rendered), -1) + eps)
+  per_image = jnp.sum(mask * dist, (1, 2)) / jnp.maximum(jnp.sum(mask, (1, 2)), 1.0)
+  return jnp.mean(per_image)
+
+
+def dff_loss(desc_image, desc_rendered, visible):
+  """L_dff = sum_i f_i ||d_i - d_hat_i||^2 at the 68 landmarks.
+
+  Args:
+    desc_image, desc_rendered: (B, 68, D) descriptors of the photo and of the rendering,
+      sampled at the same (predicted) landmark positions.
+    visible: (B, 68) f_i, 1 where the landmark's vertex normal faces the camera, else 0.
+  Returns:
+    scalar, mean over the batch.
+  """
+  d2 = jnp.sum(jnp.square(desc_image - desc_rendered), -1)
+  return jnp.mean(jnp.sum(visible * d2, -1))
+
+
+def regularization(identity, albedo, expression):
+  """L_reg = 2e-5 ||a||^2 + 2e-2 ||b||^2 + 4e-4 ||d||^2: (B, K*) each -> scalar batch mean."""
+  return jnp.mean(REG_IDENTITY * jnp.sum(jnp.square(identity), -1)
+                  + REG_ALBEDO * jnp.sum(jnp.square(albedo), -1)
+                  + REG_EXPRESSION * jnp.sum(jnp.square(expression), -1))
+
+
+def landmark_visibility(normals_cam, points_cam):
+  """f_i: 1 where a landmark vertex faces the camera, else 0.
+
+  Args:
+    normals_cam: (B, 68, 3) unit normals in camera space.
+    points_cam: (B, 68, 3) positions in camera space (camera at the origin).
+  Returns:
+    (B, 68) float32 in {0, 1}: normal . (camera - point) > 0.
+  """
+  facing = jnp.sum(normals_cam * -points_cam, -1) > 0
+  return facing.astype(jnp.float32)
