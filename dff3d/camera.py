@@ -15,8 +15,10 @@ import jax.numpy as jnp
 # Deep3DFaceRecon's focal length, 1015 px for a 224 px crop, as a fraction of the crop width.
 FOCAL_PER_PIXEL = 1015.0 / 224.0
 # Default distance from camera to the model origin, in model units (centimetres for ICT): with
-# FOCAL_PER_PIXEL a 20 cm face spans about 70% of the crop.
-DEFAULT_DISTANCE = 130.0
+# FOCAL_PER_PIXEL the mean ICT face's 68 landmarks then span 1 / 1.6 of the crop width, the
+# framing of data.augment.face_box (scale 1.6), so a crop of a real face and an untrained
+# regressor's mean face agree.
+DEFAULT_DISTANCE = 110.0
 
 
 def default_focal(width):

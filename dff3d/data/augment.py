@@ -1,0 +1,288 @@
+"""Face crops and the paper's augmentations as pure numpy functions (Sec. 4.1).
+
+Paper: horizontal flip, rotation uniform in [-30, 30] degrees, each RGB channel times
+U(0.7, 1.3). Every geometric step is a 2D affine between pixel frames (dff3d.camera's helpers:
+an affine A (2, 3) maps a point p = (x, y) to A[:, :2] p + A[:, 2]); images move with one
+bilinear resampling and landmarks with the same affine, so the two stay consistent.
+
+Conventions (camera.py): images (H, W, 3) float32 in [0, 1]; x right, y down; pixel (row i,
+column j) covers [j, j+1) x [i, i+1), its centre is (j + 0.5, i + 0.5). Landmarks are (K, D)
+with D >= 2: columns 0 and 1 are x, y in pixels, further columns (e.g. a visibility flag) ride
+along unchanged. A positive rotation angle turns the image content counter-clockwise on screen.
+
+Resampling is bilinear (PIL's affine transform, which samples at pixel centres exactly as
+above), without anti-aliasing; pixels that come from outside the source image are black.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dff3d import camera
+from dff3d import landmarks as landmarks_lib
+
+
+def _cpu():
+  """Context that keeps the small affine computations of dff3d.camera on the host CPU (they
+  run per example in input threads; an accelerator round trip there would only cost time)."""
+  try:
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+  except RuntimeError:  # JAX_PLATFORMS excludes cpu
+    return contextlib.nullcontext()
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def crop_affine(box, size: int) -> np.ndarray:
+  """(2, 3) affine from image pixels to a size x size crop of box (x0, y0, x1, y1)."""
+  with _cpu():
+    return _np(camera.crop_transform(np.asarray(box, np.float32), size))
+
+
+def compose(a, b) -> np.ndarray:
+  """The affine 'a after b' (2, 3)."""
+  with _cpu():
+    return _np(camera.compose_affine(np.asarray(a, np.float32), np.asarray(b, np.float32)))
+
+
+def transform_points(affine, points) -> np.ndarray:
+  """Moves (K, D) points (x, y first; other columns unchanged) with a (2, 3) affine."""
+  points = np.asarray(points, np.float32)
+  with _cpu():
+    return np.asarray(camera.apply_affine(np.asarray(affine, np.float32), points), np.float32)
+
+
+def rotation_affine(angle_deg: float, centre) -> np.ndarray:
+  """(2, 3) rotation by angle_deg about centre (x, y); positive = counter-clockwise on screen
+  (y points down, so this is the matrix [[c, s], [-s, c]])."""
+  t = math.radians(angle_deg)
+  c, s = math.cos(t), math.sin(t)
+  cx, cy = float(centre[0]), float(centre[1])
+  lin = np.array([[c, s], [-s, c]])
+  return np.concatenate([lin, (np.array([cx, cy]) - lin @ np.array([cx, cy]))[:, None]], 1)
+
+
+def flip_affine(width: float) -> np.ndarray:
+  """(2, 3) horizontal mirror of an image `width` pixels wide: x -> width - x."""
+  return np.array([[-1.0, 0.0, float(width)], [0.0, 1.0, 0.0]])
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _crop_chain(box, angle_deg, do_flip, points, size):
+  """crop -> rotation about the crop centre -> optional flip, as one jitted call of the
+  dff3d.camera helpers (one dispatch per example instead of a dozen eager ones).
+  Returns (affine (2, 3), its inverse, points moved by it)."""
+  a = camera.crop_transform(box, size)
+  t = jnp.deg2rad(angle_deg)
+  c, s = jnp.cos(t), jnp.sin(t)
+  h = size / 2.0
+  rot = jnp.array([[c, s, h - c * h - s * h], [-s, c, h + s * h - c * h]])
+  a = camera.compose_affine(rot, a)
+  mirror = jnp.array([[-1.0, 0.0, float(size)], [0.0, 1.0, 0.0]])
+  a = jnp.where(do_flip, camera.compose_affine(mirror, a), a)
+  return a, camera.invert_affine(a), camera.apply_affine(a, points)
+
+
+def warp_affine(image, affine, out_height: int, out_width: int) -> np.ndarray:
+  """Bilinear resampling: out(p) = image(A^-1 p) for every output pixel centre p.
+
+  Args:
+    image: (H, W, 3) float in [0, 1] or uint8.
+    affine: (2, 3) map from source pixels to output pixels.
+  Returns:
+    (out_height, out_width, 3) float32 in [0, 1]; black outside the source.
+  """
+  with _cpu():
+    inv = _np(camera.invert_affine(np.asarray(affine, np.float32)))
+  return _warp_with_inverse(image, inv, out_height, out_width)
+
+
+def _warp_with_inverse(image, inv, out_height, out_width):
+  """warp_affine given the inverse affine (output pixels -> source pixels)."""
+  coeffs = tuple(np.asarray(inv, np.float64).reshape(-1))  # PIL: output (x, y) -> input
+  size = (int(out_width), int(out_height))
+  image = np.asarray(image)
+  if image.dtype == np.uint8:
+    out = Image.fromarray(np.ascontiguousarray(image)).transform(
+        size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+    return np.asarray(out, np.float32) / 255.0
+  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), "F")
+                      .transform(size, Image.Transform.AFFINE, coeffs,
+                                 resample=Image.Resampling.BILINEAR), np.float32)
+           for c in range(image.shape[-1])]
+  return np.stack(chans, -1)
+
+
+def face_box(landmarks, visible=None, scale: float = 1.6, shift_up: float = 0.1,
+             image_shape=None) -> np.ndarray:
+  """Square crop box around landmarks: (4,) float32 (x0, y0, x1, y1).
+
+  The box is centred on the bounding box of the (visible) landmarks, moved up by `shift_up`
+  times its height (68 landmarks start at the brows; the forehead lies above) and its side is
+  `scale` times the larger side of that bounding box (training crops, fitting crops and
+  the reconstruction job all use it, so they frame faces alike). With no usable landmark the box is
+  the centred square of side max(H, W) of `image_shape` (required then).
+  """
+  pts = np.asarray(landmarks, np.float64)[:, :2]
+  if visible is not None:
+    pts = pts[np.asarray(visible, bool)]
+  pts = pts[np.all(np.isfinite(pts), 1)]
+  if len(pts) < 2 or np.ptp(pts, 0).max() <= 0:
+    if image_shape is None:
+      raise ValueError("face_box: no usable landmarks and no image_shape for a fallback box")
+    h, w = image_shape[:2]
+    side = float(max(h, w))
+    return np.array([w / 2 - side / 2, h / 2 - side / 2, w / 2 + side / 2, h / 2 + side / 2],
+                    np.float32)
+  lo, hi = pts.min(0), pts.max(0)
+  side = (hi - lo).max() * scale
+  cx = (lo[0] + hi[0]) / 2
+  cy = (lo[1] + hi[1]) / 2 - shift_up * (hi[1] - lo[1])
+  return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32)
+
+
+# ---- deterministic steps ----------------------------------------------------------------------
+
+
+def flip(image, landmarks):
+  """Mirrors an image left-right; 68 landmarks are mirrored and re-ordered with
+  dff3d.landmarks.FLIP_PERMUTATION so index i still names the same facial point.
+
+  Returns:
+    (image (H, W, 3) float32, landmarks (68, D) float32).
+  """
+  image = np.asarray(image)
+  pts = np.asarray(landmarks, np.float32)
+  if pts.shape[0] != landmarks_lib.NUM_LANDMARKS:
+    raise ValueError(f"flip needs the 68 iBUG landmarks (a permutation is defined for them "
+                     f"only), got {pts.shape[0]} points")
+  out = image[:, ::-1]
+  out = out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out.astype(np.float32)
+  return np.ascontiguousarray(out), landmarks_lib.flip_landmarks(pts, image.shape[1])
+
+
+def rotate(image, landmarks, angle_deg: float, centre=None):
+  """Rotates image content and landmarks by angle_deg (counter-clockwise on screen) about
+  centre (default: the image centre (W / 2, H / 2)); the output keeps the input size."""
+  image = np.asarray(image)
+  h, w = image.shape[:2]
+  centre = (w / 2.0, h / 2.0) if centre is None else centre
+  a = rotation_affine(angle_deg, centre)
+  return warp_affine(image, a, h, w), transform_points(a, landmarks)
+
+
+def scale_colours(image, factors):
+  """image * factors per RGB channel, clipped to [0, 1]: (H, W, 3) float32."""
+  image = np.asarray(image)
+  image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
+  return np.clip(image * np.asarray(factors, np.float32), 0.0, 1.0).astype(np.float32)
+
+
+def crop(image, landmarks, box, size: int):
+  """Resamples the square `box` of the image to size x size and moves the landmarks along.
+
+  Returns:
+    (image (size, size, 3) float32, landmarks (K, D) float32 crop pixels, affine (2, 3)
+    from source pixels to crop pixels).
+  """
+  a = crop_affine(box, size)
+  return warp_affine(image, a, size, size), transform_points(a, landmarks), a
+
+
+def crop_to_landmarks(image, landmarks, size: int, scale: float = 1.6, shift_up: float = 0.1,
+                      visible=None):
+  """crop() of face_box(landmarks, visible, scale, shift_up): (image, landmarks, affine)."""
+  box = face_box(landmarks, visible, scale, shift_up, image_shape=np.shape(image))
+  return crop(image, landmarks, box, size)
+
+
+# ---- random steps: pure functions of (image, landmarks, rng) ---------------------------------
+
+
+def random_flip(image, landmarks, rng: np.random.Generator, prob: float = 0.5):
+  """flip() with probability prob; returns (image float32, landmarks)."""
+  if rng.uniform() < prob:
+    return flip(image, landmarks)
+  image = np.asarray(image)
+  image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
+  return image, np.asarray(landmarks, np.float32)
+
+
+def random_rotation(image, landmarks, rng: np.random.Generator, max_degrees: float = 30.0):
+  """rotate() by an angle uniform in [-max_degrees, max_degrees] about the image centre."""
+  return rotate(image, landmarks, rng.uniform(-max_degrees, max_degrees))
+
+
+def random_colour_scale(image, landmarks, rng: np.random.Generator, low: float = 0.7,
+                        high: float = 1.3):
+  """Each RGB channel times its own U(low, high), clipped to [0, 1]; landmarks unchanged."""
+  return scale_colours(image, rng.uniform(low, high, 3)), np.asarray(landmarks, np.float32)
+
+
+# ---- the pipeline's composed version ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """The paper's augmentations; each one off with its neutral value.
+
+  flip_prob: probability of a horizontal flip (0: never). Needs the 68 iBUG landmarks.
+  max_rotation_deg: rotation uniform in [-max, max] about the crop centre (0: none).
+  colour_range: (low, high) of the per-channel factor, or None for no colour change.
+  """
+
+  flip_prob: float = 0.5
+  max_rotation_deg: float = 30.0
+  colour_range: tuple | None = (0.7, 1.3)
+
+
+NO_AUGMENT = AugmentConfig(flip_prob=0.0, max_rotation_deg=0.0, colour_range=None)
+
+
+def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: int,
+                   config: AugmentConfig = NO_AUGMENT, crop_scale: float = 1.6,
+                   crop_shift_up: float = 0.1) -> dict:
+  """Face crop plus augmentation with ONE resampling: crop, then rotate about the crop centre,
+  then flip, then colour-scale (equal, up to interpolation, to applying crop(), rotate(),
+  flip() and scale_colours() one after another).
+
+  Args:
+    image: (H, W, 3) uint8 or float in [0, 1].
+    landmarks: (K, 2) pixels; visible: (K,) bool (label present), used for the crop box.
+    rng: numpy Generator (draw order: flip, angle, colours).
+    size: crop side S.
+
+  Returns:
+    dict: "image" (S, S, 3) float32 [0, 1]; "landmarks" (K, 2) float32 crop pixels;
+    "landmarks_visible" (K,) bool (re-ordered with the landmarks on a flip); "affine" (2, 3)
+    float32 source pixels -> crop pixels (before the flip's re-ordering of points).
+  """
+  pts = np.asarray(landmarks, np.float32)[:, :2]
+  vis = np.ones(len(pts), bool) if visible is None else np.asarray(visible, bool)
+  box = face_box(pts, vis, crop_scale, crop_shift_up, image_shape=np.shape(image))
+  do_flip = config.flip_prob > 0 and rng.uniform() < config.flip_prob
+  angle = (rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
+           if config.max_rotation_deg > 0 else 0.0)
+  if do_flip and len(pts) != landmarks_lib.NUM_LANDMARKS:
+    raise ValueError(f"flip augmentation needs the 68 iBUG landmarks, got {len(pts)} points")
+  with _cpu():
+    a, inv, moved = (np.asarray(v) for v in _crop_chain(
+        box, np.float32(angle), np.bool_(do_flip), pts, int(size)))
+  out = _warp_with_inverse(image, inv, size, size)
+  if do_flip:
+    moved = moved[landmarks_lib.FLIP_PERMUTATION]
+    vis = vis[landmarks_lib.FLIP_PERMUTATION]
+  if config.colour_range is not None:
+    out = scale_colours(out, rng.uniform(config.colour_range[0], config.colour_range[1], 3))
+  return {"image": out, "landmarks": moved.astype(np.float32), "landmarks_visible": vis,
+          "affine": a.astype(np.float32)}

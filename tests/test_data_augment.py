@@ -1,0 +1,180 @@
+"""Augmentations and face crops (dff3d.data.augment): images and landmarks move together."""
+
+import numpy as np
+import pytest
+
+from dff3d import landmarks as landmarks_lib
+from dff3d.data import augment
+
+
+def blob_image(h, w, centres, sigma=1.5, channel=None, amplitude=0.7):
+  """(h, w, 3) float32 with Gaussian dots at `centres` (dff3d pixels: centre (j+.5, i+.5))."""
+  ys, xs = np.mgrid[0:h, 0:w] + 0.5
+  img = np.zeros((h, w, 3), np.float32)
+  for k, (cx, cy) in enumerate(np.asarray(centres, np.float64)):
+    g = amplitude * np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma ** 2))
+    chans = [k % 3] if channel is None else [channel]
+    for c in chans:
+      img[..., c] += g.astype(np.float32)
+  return img
+
+
+def centroid(channel_image):
+  """Intensity-weighted centre of a single-channel image, in dff3d pixels."""
+  h, w = channel_image.shape
+  ys, xs = np.mgrid[0:h, 0:w] + 0.5
+  m = channel_image.sum()
+  return np.array([(xs * channel_image).sum() / m, (ys * channel_image).sum() / m])
+
+
+def face_points(rng, centre=(40.0, 44.0), radius=14.0):
+  return (np.asarray(centre) + rng.uniform(-radius, radius, (68, 2))).astype(np.float32)
+
+
+def test_warp_identity_and_integer_shift_are_exact():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(size=(12, 10, 3)).astype(np.float32)
+  ident = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+  np.testing.assert_allclose(augment.warp_affine(img, ident, 12, 10), img, atol=1e-6)
+  shift = np.array([[1.0, 0, 3], [0, 1.0, 2]])  # content moves 3 right, 2 down
+  out = augment.warp_affine(img, shift, 12, 10)
+  np.testing.assert_allclose(out[2:, 3:], img[:-2, :-3], atol=1e-6)
+  assert not out[:2].any() and not out[:, :3].any()  # outside the source: black
+  u8 = (img * 255).astype(np.uint8)
+  np.testing.assert_allclose(augment.warp_affine(u8, ident, 12, 10), u8 / 255.0, atol=1e-6)
+
+
+def test_flip_twice_is_identity():
+  rng = np.random.default_rng(1)
+  img = rng.uniform(size=(20, 17, 3)).astype(np.float32)
+  pts = face_points(rng, (8.0, 10.0), 6.0)
+  i1, p1 = augment.flip(img, pts)
+  i2, p2 = augment.flip(i1, p1)
+  np.testing.assert_array_equal(i2, img)
+  np.testing.assert_allclose(p2, pts, atol=1e-5)
+
+
+def test_flip_keeps_landmark_semantics():
+  """A dot at the subject's right jaw end (0) sits, after the flip, at landmark 16's place."""
+  rng = np.random.default_rng(2)
+  pts = face_points(rng)
+  img = blob_image(80, 90, [pts[0]], channel=0)
+  fimg, fpts = augment.flip(img, pts)
+  np.testing.assert_allclose(centroid(fimg[..., 0]), fpts[16], atol=0.05)
+  np.testing.assert_allclose(fpts[16], [90 - pts[0, 0], pts[0, 1]], atol=1e-5)
+
+
+def test_random_flip_draws_both_ways():
+  rng = np.random.default_rng(3)
+  img = np.zeros((4, 6, 3), np.float32)
+  img[:, 0] = 1.0
+  pts = face_points(rng, (3.0, 2.0), 1.0)
+  flipped = [augment.random_flip(img, pts, rng)[0][0, -1, 0] == 1.0 for _ in range(40)]
+  assert 5 < sum(flipped) < 35
+  never = [augment.random_flip(img, pts, rng, prob=0.0)[0][0, -1, 0] for _ in range(5)]
+  assert not any(never)
+
+
+@pytest.mark.parametrize("angle", [-30.0, 17.0, 90.0])
+def test_rotation_moves_landmarks_with_the_image(angle):
+  rng = np.random.default_rng(4)
+  pts = face_points(rng)
+  img = blob_image(80, 90, [pts[5]], channel=1)
+  rimg, rpts = augment.rotate(img, pts, angle)
+  np.testing.assert_allclose(centroid(rimg[..., 1]), rpts[5], atol=0.08)
+  # Counter-clockwise on screen: a point right of the centre moves up (smaller y).
+  _, p = augment.rotate(img, np.array([[55.0, 40.0]]), 30.0, centre=(45.0, 40.0))
+  assert p[0, 1] < 40.0 and p[0, 0] < 55.0
+
+
+def test_random_rotation_range():
+  rng = np.random.default_rng(5)
+  img = np.zeros((32, 32, 3), np.float32)
+  for _ in range(20):
+    _, p = augment.random_rotation(img, np.array([[26.0, 16.0]]), rng, max_degrees=30.0)
+    angle = np.degrees(np.arctan2(-(p[0, 1] - 16.0), p[0, 0] - 16.0))
+    assert -30.0 <= angle <= 30.0
+
+
+def test_colour_scaling_within_bounds():
+  rng = np.random.default_rng(6)
+  img = rng.uniform(0.05, 0.7, (16, 16, 3)).astype(np.float32)
+  pts = face_points(rng, (8.0, 8.0), 4.0)
+  for _ in range(10):
+    out, p = augment.random_colour_scale(img, pts, rng)
+    ratio = out / img
+    per_channel = ratio.reshape(-1, 3)
+    np.testing.assert_allclose(per_channel, per_channel[:1].repeat(len(per_channel), 0),
+                               rtol=1e-5)  # one factor per channel
+    assert np.all((ratio >= 0.7 - 1e-6) & (ratio <= 1.3 + 1e-6))
+    np.testing.assert_array_equal(p, pts)
+  bright = np.ones((4, 4, 3), np.float32)
+  out = augment.scale_colours(bright, [1.3, 1.0, 0.7])
+  assert out.max() <= 1.0 and out.min() >= 0.0
+  np.testing.assert_allclose(out[0, 0], [1.0, 1.0, 0.7])
+
+
+def test_face_box_square_enlarged_and_shifted():
+  pts = np.array([[10.0, 20.0], [30.0, 20.0], [20.0, 60.0]] + [[20.0, 40.0]] * 65)
+  box = augment.face_box(pts, scale=1.5, shift_up=0.1)
+  np.testing.assert_allclose(box[2] - box[0], 60.0)  # 1.5 x max(20, 40)
+  np.testing.assert_allclose(box[3] - box[1], 60.0)
+  np.testing.assert_allclose([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], [20.0, 36.0])
+  vis = np.zeros(68, bool)
+  vis[:2] = True  # only the two brow-level points count
+  with pytest.raises(ValueError, match="no usable landmarks"):
+    augment.face_box(pts, np.zeros(68, bool))
+  np.testing.assert_allclose(augment.face_box(pts, np.zeros(68, bool), image_shape=(30, 50)),
+                             [0, -10, 50, 40])
+  np.testing.assert_allclose(augment.face_box(pts, vis, scale=1.0, shift_up=0.0),
+                             [10, 10, 30, 30])
+
+
+def test_crop_maps_landmarks_to_the_image_content():
+  rng = np.random.default_rng(8)
+  pts = face_points(rng, (60.0, 50.0), 20.0)
+  img = blob_image(100, 120, [pts[30]], channel=2, sigma=2.0)
+  cimg, cpts, a = augment.crop_to_landmarks(img, pts, 48)
+  assert cimg.shape == (48, 48, 3) and cimg.dtype == np.float32
+  np.testing.assert_allclose(centroid(cimg[..., 2]), cpts[30], atol=0.08)
+  # the affine is the one that moved the points
+  np.testing.assert_allclose(cpts, pts @ a[:, :2].T + a[:, 2], atol=1e-4)
+  box = augment.face_box(pts)
+  np.testing.assert_allclose(augment.transform_points(a, box.reshape(2, 2)), [[0, 0], [48, 48]],
+                             atol=1e-4)
+
+
+def test_augmented_crop_matches_sequential_steps():
+  rng = np.random.default_rng(9)
+  pts = face_points(rng, (60.0, 50.0), 20.0)
+  img = blob_image(100, 120, pts[[30, 36, 8]], sigma=2.0)
+  cfg = augment.AugmentConfig(flip_prob=1.0, max_rotation_deg=25.0, colour_range=None)
+  out = augment.augmented_crop(img, pts, None, np.random.default_rng(0), 64, cfg)
+  angle = np.random.default_rng(0)
+  angle.uniform()  # the flip draw
+  angle = angle.uniform(-25.0, 25.0)
+  cimg, cpts, _ = augment.crop_to_landmarks(img, pts, 64)
+  rimg, rpts = augment.rotate(cimg, cpts, angle)
+  fimg, fpts = augment.flip(rimg, rpts)
+  np.testing.assert_allclose(out["landmarks"], fpts, atol=1e-3)
+  assert np.abs(out["image"] - fimg).max() < 0.15  # one resampling versus three
+  for k, idx in enumerate([30, 36, 8]):  # each dot sits on its (re-ordered) landmark
+    where = int(np.flatnonzero(landmarks_lib.FLIP_PERMUTATION == idx)[0])
+    np.testing.assert_allclose(centroid(out["image"][..., k]), out["landmarks"][where], atol=0.1)
+
+
+def test_augmented_crop_no_augment_and_visibility():
+  rng = np.random.default_rng(10)
+  pts = face_points(rng)
+  vis = np.ones(68, bool)
+  vis[36] = False
+  out = augment.augmented_crop(np.zeros((80, 90, 3), np.uint8), pts, vis, rng, 32)
+  cimg, cpts, a = augment.crop_to_landmarks(np.zeros((80, 90, 3)), pts, 32, visible=vis)
+  np.testing.assert_allclose(out["landmarks"], cpts, atol=1e-4)
+  np.testing.assert_allclose(out["affine"], a, atol=1e-5)
+  np.testing.assert_array_equal(out["landmarks_visible"], vis)
+  flip = augment.AugmentConfig(flip_prob=1.0, max_rotation_deg=0.0, colour_range=None)
+  out = augment.augmented_crop(np.zeros((80, 90, 3)), pts, vis, rng, 32, flip)
+  assert not out["landmarks_visible"][45] and out["landmarks_visible"][36]
+  with pytest.raises(ValueError, match="68 iBUG"):
+    augment.augmented_crop(np.zeros((80, 90, 3)), pts[:34], None, rng, 32, flip)
