@@ -126,3 +126,26 @@ def write_json(path, obj):
     raise TypeError(f"not JSON serialisable: {type(o)}")
   with open(os.fspath(path), "w") as f:
     json.dump(obj, f, indent=2, default=default)
+
+
+def draw_points(image, points, colour=(0.0, 1.0, 0.2), radius=None):
+  """Draw small filled discs at points on a copy of an image.
+
+  Args:
+    image: (H, W, 3) float in [0, 1]; points: (K, 2) pixels (centres at integer + 0.5).
+    radius: disc radius in pixels; default scales with the image (max(1, min(H, W) / 200)).
+  Returns:
+    (H, W, 3) float32.
+  """
+  out = np.array(image, np.float32, copy=True)
+  h, w = out.shape[:2]
+  r = max(1.0, min(h, w) / 200.0) if radius is None else radius
+  yy, xx = np.mgrid[0:h, 0:w]
+  for x, y in np.asarray(points, np.float64):
+    x0, x1 = int(max(0, np.floor(x - r - 1))), int(min(w, np.ceil(x + r + 1)))
+    y0, y1 = int(max(0, np.floor(y - r - 1))), int(min(h, np.ceil(y + r + 1)))
+    if x0 >= x1 or y0 >= y1:
+      continue
+    d2 = (xx[y0:y1, x0:x1] + 0.5 - x) ** 2 + (yy[y0:y1, x0:x1] + 0.5 - y) ** 2
+    out[y0:y1, x0:x1][d2 <= r * r] = colour
+  return out

@@ -24,6 +24,9 @@ class LossWeights:
   photo: float = 100.0
   dff: float = 1e-6
   reg: float = 1.0
+  reg_identity: float = REG_IDENTITY
+  reg_albedo: float = REG_ALBEDO
+  reg_expression: float = REG_EXPRESSION
 
 
 def landmark_loss(pred, target, weights=None, image_size=224.0):
@@ -86,11 +89,19 @@ def dff_loss(desc_image, desc_rendered, visible):
   return jnp.mean(jnp.sum(visible * d2, -1))
 
 
-def regularization(identity, albedo, expression):
-  """L_reg = 2e-5 ||a||^2 + 2e-2 ||b||^2 + 4e-4 ||d||^2: (B, K*) each -> scalar batch mean."""
-  return jnp.mean(REG_IDENTITY * jnp.sum(jnp.square(identity), -1)
-                  + REG_ALBEDO * jnp.sum(jnp.square(albedo), -1)
-                  + REG_EXPRESSION * jnp.sum(jnp.square(expression), -1))
+def regularization(identity, albedo, expression, w_identity=REG_IDENTITY, w_albedo=REG_ALBEDO,
+                   w_expression=REG_EXPRESSION):
+  """L_reg = 2e-5 ||a||^2 + 2e-2 ||b||^2 + 4e-4 ||d||^2 (paper defaults; the three weights
+  are arguments): (B, K*) each -> scalar batch mean."""
+  return jnp.mean(w_identity * jnp.sum(jnp.square(identity), -1)
+                  + w_albedo * jnp.sum(jnp.square(albedo), -1)
+                  + w_expression * jnp.sum(jnp.square(expression), -1))
+
+
+def weighted_regularization(c, w: LossWeights):
+  """L_reg of Coefficients `c` with the three weights of `w`."""
+  return regularization(c.identity, c.albedo, c.expression, w.reg_identity, w.reg_albedo,
+                        w.reg_expression)
 
 
 def landmark_visibility(normals_cam, points_cam):

@@ -42,6 +42,8 @@ class MorphableModel:
   contour: (16,) int32 landmark positions of the jaw line without the chin (weight 0.5).
   inner: (52,) int32 the other landmark positions (weight 1).
   flip_permutation: (68,) int32 landmark order of the mirrored face.
+  face_region: (N,) float32, 1 on the facial skin area that the photometric loss compares
+    (forehead to chin, cheek to cheek; no scalp, ears or neck), 0 elsewhere.
   uv: (U, 2) float32 or None; triangle_uv: (T, 3) int32 or None (texture coordinates).
   name, units, expression_names: static metadata.
   """
@@ -55,6 +57,7 @@ class MorphableModel:
   contour: jnp.ndarray
   inner: jnp.ndarray
   flip_permutation: jnp.ndarray
+  face_region: jnp.ndarray
   uv: Optional[jnp.ndarray] = None
   triangle_uv: Optional[jnp.ndarray] = None
   name: str = flax.struct.field(pytree_node=False, default="")
@@ -72,11 +75,36 @@ class MorphableModel:
                              self.expression_basis.shape[0])
 
 
+def face_region_from_landmarks(mean_shape, landmarks):
+  """Facial skin area of a model: (N,) float32 in {0, 1}.
+
+  Vertices inside the ellipse, in the frontal (x, y) plane, that spans the jaw landmarks'
+  width and runs from the chin to a quarter of the brow-to-chin height above the brows,
+  and in front of the jaw landmarks' mean depth minus 1 unit (drops ears and the back of the
+  head). Model space +y up, +z towards the viewer.
+  """
+  v = np.asarray(mean_shape, np.float64)
+  pts = v[np.asarray(landmarks)]
+  brow, chin = pts[17:27, 1].max(), pts[8, 1]
+  top = brow + 0.25 * (brow - chin)
+  cx = pts[[0, 16], 0].mean()
+  half_w = 0.5 * (pts[16, 0] - pts[0, 0]) * 1.04
+  cy, half_h = (top + chin) / 2.0, (top - chin) / 2.0 * 1.04
+  if not (half_w > 0 and half_h > 0):  # degenerate landmarks (toy models): whole mesh
+    return np.ones(len(v), np.float32)
+  inside = ((v[:, 0] - cx) / half_w) ** 2 + ((v[:, 1] - cy) / half_h) ** 2 <= 1.0
+  front = v[:, 2] > pts[0:17, 2].min() - 1.0 * (half_w / 7.5)
+  return (inside & front).astype(np.float32)
+
+
 def make_model(mean_shape, identity_basis, expression_basis, albedo_mean, albedo_basis,
                triangles, landmarks, uv=None, triangle_uv=None, name="", units="",
-               expression_names=()):
+               expression_names=(), face_region=None):
   """Build a MorphableModel from numpy arrays (cast to float32 / int32), with the iBUG
-  contour / inner split and flip permutation of dff3d.landmarks."""
+  contour / inner split and flip permutation of dff3d.landmarks; the face region defaults to
+  face_region_from_landmarks."""
+  if face_region is None:
+    face_region = face_region_from_landmarks(mean_shape, landmarks)
   f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
   i32 = lambda a: jnp.asarray(np.asarray(a, np.int32))
   return MorphableModel(
@@ -84,6 +112,7 @@ def make_model(mean_shape, identity_basis, expression_basis, albedo_mean, albedo
       expression_basis=f32(expression_basis), albedo_mean=f32(albedo_mean),
       albedo_basis=f32(albedo_basis), triangles=i32(triangles), landmarks=i32(landmarks),
       contour=i32(lm.CONTOUR), inner=i32(lm.INNER), flip_permutation=i32(lm.FLIP_PERMUTATION),
+      face_region=f32(face_region),
       uv=None if uv is None else f32(uv),
       triangle_uv=None if triangle_uv is None else i32(triangle_uv),
       name=name, units=units, expression_names=tuple(str(s) for s in expression_names))

@@ -91,7 +91,7 @@ def test_labeller_reports_the_blank_image(tmp_path, capsys):
   image = _astronaut()
   from dff3d import io as dio
   from dff3d.datasets import celeba
-  from data_prep import label_landmarks
+  from data_prep import labelling as label_landmarks
   folder = tmp_path / "img_align_celeba"
   folder.mkdir()
   dio.write_image(folder / "000001.jpg", image[::2, ::2])  # 256 px, face about 45 px

@@ -134,3 +134,13 @@ def test_save_load_roundtrip(tmp_path, model):
   np.testing.assert_array_equal(back.identity_basis, model.identity_basis)
   assert back.expression_names == model.expression_names
   assert back.uv is not None and back.triangle_uv.shape == (18460, 3)
+
+
+def test_face_region_covers_the_landmarked_face_only(model):
+  region = np.asarray(model.face_region)
+  assert region.shape == (9409,)
+  v = np.asarray(model.mean_shape)
+  inner_ids = np.asarray(model.landmarks)[np.asarray(model.inner)]
+  assert region[inner_ids].all()           # brows, eyes, nose, mouth, chin
+  assert 0.4 < region.mean() < 0.8         # not the scalp, ears or neck
+  assert region[v[:, 2] < 0].sum() == 0    # nothing behind the face plane

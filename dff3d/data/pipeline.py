@@ -147,20 +147,24 @@ class InputPipeline:
       batch = {k: v.reshape((n, len(rows) // n) + v.shape[1:]) for k, v in batch.items()}
     return batch
 
-  def dataset(self, epoch: int = 0) -> grain.IterDataset:
-    """The Grain IterDataset of one epoch's batches."""
+  def dataset(self, epoch: int = 0, start_batch: int = 0) -> grain.IterDataset:
+    """The Grain IterDataset of one epoch's batches, from batch `start_batch` on (a resumed
+    run skips what it has trained on without reading it)."""
     cfg = self.config
     ds = grain.MapDataset.range(len(self.source))
     if cfg.shuffle:
       ds = ds.shuffle(seed=_seed(cfg.seed, epoch))
+    if start_batch:
+      ds = ds[start_batch * cfg.batch_size:]
     ds = ds.map(lambda i: self.example(i, epoch))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch))
     return it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=self._batch)
 
-  def epoch(self, epoch: int = 0) -> Iterator[dict]:
-    """Iterates over one epoch's batches (order and augmentation fixed by seed and epoch)."""
-    return iter(self.dataset(epoch))
+  def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
+    """Iterates over one epoch's batches (order and augmentation fixed by seed and epoch),
+    starting at batch `start_batch`."""
+    return iter(self.dataset(epoch, start_batch))
 
   def forever(self, start_epoch: int = 0) -> Iterator[tuple]:
     """Yields (epoch, batch) over epochs start_epoch, start_epoch + 1, ..."""
