@@ -347,10 +347,12 @@ def _log(path, record):
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[int] = None,
-                       sources_override=None, verbose: bool = True):
+                       sources_override=None, verbose: bool = True,
+                       max_seconds: Optional[float] = None):
   """Train (resuming from workdir's latest checkpoint) and evaluate; returns the final state.
 
-  Writes workdir/config.json, workdir/metrics.jsonl (one object per logged step: step, epoch,
+  max_seconds bounds the training time (data preparation not counted); the run checkpoints
+  and stops when it is spent. Writes workdir/config.json, workdir/metrics.jsonl (one object per logged step: step, epoch,
   loss, each term, lr, images_per_s; evaluation adds val_nme) and Orbax checkpoints at every
   epoch end, every checkpoint_every_steps, at the end, and on SIGINT / SIGTERM.
   """
@@ -401,7 +403,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
       on = jnp.float32(epoch >= config.land_error_start_epoch)
       done_in_epoch, finished = skip, True
       for batch in train_pipe.epoch(epoch, start_batch=skip):
-        if step >= total_steps or stop.requested:
+        out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
+        if step >= total_steps or stop.requested or out_of_time:
           finished = False
           break
         batch = {k: jax.device_put(np.asarray(batch[k], np.float32), data_sharding)
@@ -430,9 +433,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
         state = end_epoch(state)
         epoch, skip = epoch + 1, 0
         save_checkpoint(mngr, state, epoch, 0)
-      else:  # max_steps or a stop request inside the epoch: checkpoint where we are
+      else:  # max_steps, max_seconds or a stop request: checkpoint where we are
         save_checkpoint(mngr, state, epoch, done_in_epoch)
         break
+    if max_seconds is not None and time.time() - t0 > max_seconds and verbose:
+      print(f"stopped after {max_seconds / 60:.1f} min (max_seconds)")
   final = {"step": step, "epoch": epoch, "final": True,
            "val_nme": evaluate_nme(lambda im: pred_fn(state.params, im), val_pipe)}
   _log(metrics_path, final)

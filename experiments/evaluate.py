@@ -21,6 +21,8 @@ import os
 import sys
 
 from absl import app, flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dff3d import fitting
@@ -28,6 +30,7 @@ from dff3d import io
 from dff3d import metrics
 from dff3d import morphable_model as mm
 from dff3d import reconstruct as reconstruction
+from dff3d import render as render_lib
 from dff3d.datasets import aflw2000_3d, aflw_lfpa
 
 _DATASET = flags.DEFINE_enum("dataset", "aflw2000_3d", ["aflw2000_3d", "aflw_lfpa"], "Dataset.")
@@ -52,6 +55,25 @@ def closest_detection(image, gt_points):
     return None
   centre = gt_points.mean(0)
   return min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - centre)).landmarks
+
+
+def vertices_in_photo(model, face, vertex_ids, image_size):
+  """(K, 2) photo pixels of model vertices `vertex_ids` of a reconstructed face."""
+  c = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], face.coefficients)
+  _, screen, _ = render_lib.camera_vertices(model, c, (image_size, image_size))
+  pts = np.asarray(screen[0])[np.asarray(vertex_ids)]
+  return reconstruction.landmarks_to_photo(pts, face.crop_affine, image_size)[:, :2]
+
+
+def load_lfpa_vertices(path, model):
+  """(34,) int vertex ids from a .npy file, validated against the model."""
+  try:
+    ids = np.load(path).astype(np.int64).reshape(-1)
+  except Exception as e:  # noqa: BLE001 - any read failure is a bad file
+    raise ValueError(f"{path}: cannot read vertex ids ({type(e).__name__})") from None
+  if ids.shape != (34,) or ids.min() < 0 or ids.max() >= model.num_vertices:
+    raise ValueError(f"{path}: expected 34 vertex ids in [0, {model.num_vertices})")
+  return ids
 
 
 def load_items(dataset, data_dir):
@@ -87,6 +109,10 @@ def table(results):
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None):
   """Figures dict (see module doc) for a dataset folder."""
+  if dataset == "aflw_lfpa":
+    if not lfpa_vertices:
+      raise ValueError("AFLW-LFPA needs --lfpa_vertices (a .npy of 34 model vertex ids)")
+    lfpa_vertices = load_lfpa_vertices(lfpa_vertices, model)
   items = load_items(dataset, data_dir)
   faces, kept, failures = [], [], []
   for path, lab in items:
@@ -130,9 +156,12 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     gt3 = np.stack([lab["gt_3d"] for lab in kept]) if kept else np.zeros((0, 68, 3))
     result["nme_3d"] = float(np.mean(metrics.nme_3d(pred3, gt3))) if len(pred3) else None
   else:
-    if lfpa_vertices is None:
-      raise ValueError("AFLW-LFPA needs --lfpa_vertices (34 model vertex ids)")
-    raise NotImplementedError("AFLW-LFPA prediction of the 34 vertices is not wired yet")
+    pred = np.stack([vertices_in_photo(model, f, lfpa_vertices, config.image_size)
+                     for f in out]) if out else np.zeros((0, 34, 2))
+    gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 34, 2))
+    vis = np.stack([lab["visible"] for lab in kept]) if kept else np.zeros((0, 34), bool)
+    nme = metrics.nme_visible(pred, gt, vis) if len(pred) else np.zeros(0)
+    result["nme_lfpa"] = float(np.nanmean(nme)) if len(nme) else None
   result["per_image_nme"] = [float(v) for v in nme]
   return result
 
@@ -149,7 +178,10 @@ def main(argv):
                       _LFPA_VERTICES.value)
   except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  print(table(result))
+  if _DATASET.value == "aflw_lfpa":
+    print(f"AFLW-LFPA NME (34 visible points): {100 * result['nme_lfpa']:.2f}% (paper 3.24%)")
+  else:
+    print(table(result))
   print(f"{result['num_images']} images, {result['failures']} failures")
   if _OUTPUT.value:
     io.write_json(_OUTPUT.value, result)

@@ -14,6 +14,8 @@ from experiments import configs
 _CONFIG = flags.DEFINE_string("config", "cpu", "Config name in experiments/configs (paper, cpu).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total.")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Stop (and checkpoint) after this many "
+                                  "minutes of training in this run.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Override: batch size.")
 _LR = flags.DEFINE_float("learning_rate", None, "Override: initial learning rate.")
 _EPOCHS = flags.DEFINE_integer("num_epochs", None, "Override: epochs.")
@@ -38,7 +40,9 @@ def main(argv):
                "eval_every_steps": _EVAL.value, "checkpoint_every_steps": _CKPT.value,
                "seed": _SEED.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-  train.train_and_evaluate(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  train.train_and_evaluate(config, _WORKDIR.value, max_steps=_MAX_STEPS.value,
+                           max_seconds=None if _MAX_MINUTES.value is None
+                           else 60.0 * _MAX_MINUTES.value)
 
 
 if __name__ == "__main__":

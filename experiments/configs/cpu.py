@@ -8,6 +8,6 @@ from dff3d import losses, train
 def get_config():
   return train.TrainConfig(name="cpu", backbone="light", width=0.5, image_size=96,
                            batch_size=16, learning_rate=3e-4, decayed_learning_rate=3e-5,
-                           decay_epoch=5, num_epochs=8, synthetic_train=2048,
+                           decay_epoch=5, num_epochs=8, synthetic_train=4096,
                            synthetic_val=128, eval_every_steps=200, log_every_steps=20,
                            weights=losses.LossWeights())
