@@ -6,7 +6,7 @@ Resumes from the workdir's latest checkpoint. Writes workdir/metrics.jsonl and O
 checkpoints (each epoch, every --checkpoint_every_steps, at the end, and on Ctrl-C / SIGTERM).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dff3d import train
 from experiments import configs
@@ -33,6 +33,7 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # keep the console to the progress lines
   config = configs.get_config(_CONFIG.value)
   overrides = {"batch_size": _BATCH.value, "learning_rate": _LR.value,
                "num_epochs": _EPOCHS.value, "image_size": _SIZE.value, "data": _DATA.value,
