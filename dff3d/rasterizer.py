@@ -14,8 +14,9 @@ regression"):
    covered by both triangles and decided by the depth test). The visible triangle is the covered
    one with the largest `1 / depth` (perspective-correct: `1 / depth` is interpolated linearly in
    screen space); equal `1 / depth` in float32 goes to the lower triangle id. It is an exact
-   z-buffer, resolved with two scatters into one buffer for the whole batch: a scatter-max of
-   `1 / depth`, then a scatter-min of the triangle id over the fragments that equal the maximum.
+   z-buffer in float32, resolved with two scatters into one buffer per image: a scatter-max of
+   `1 / depth`, then a scatter-min of the triangle id over the fragments that equal the maximum
+   (so surfaces closer than float32 rounding of `1 / depth` count as ties).
    Fragments are enumerated per triangle from its pixel bounding box (clipped to the image):
    - small triangles (bounding box of at most 2 x 2 pixel centres; on a dense face mesh at
      224 px almost all of them) by a fixed 2 x 2 candidate window, with no gathers;
@@ -23,6 +24,8 @@ regression"):
      listed with prefix sums and processed in a `lax.while_loop`, `_BLOCKS_PER_STEP` blocks per
      step, until all are done: there is no cap, a triangle covering the whole image is handled
      exactly (just in more steps).
+   Images are rasterized one after the other (`lax.map`) so that each step's working set stays
+   in cache.
 2. Barycentrics (`barycentrics`, differentiable). With the triangle ids fixed (stop-gradient),
    the perspective-correct barycentrics and the depth of every covered pixel are recomputed from
    the gathered screen vertices, so gradients reach x, y and depth of the three vertices of the
@@ -34,11 +37,12 @@ regression"):
    point where the covered pixel's triangle edge crosses the segment between the two pixel
    centres is found analytically; the pixel on the side of the crossing is blended towards its
    neighbour by the fraction of the pixel (a 1-pixel box filter across the edge) that lies
-   beyond the edge. The crossing moves with the edge's vertices, so the blended image has a
-   gradient with respect to vertex x, y at outline pixels; for a straight edge moving by `d`
-   pixels along its normal, the summed coverage changes by `d` per pixel of edge length, as the
-   true area does. Horizontal pairs handle edges that are closer to vertical and vertical pairs
-   the others, so no edge is counted twice.
+   beyond the edge. The crossed edge is chosen without gradients; the crossing position moves
+   with that edge's two vertices, so the blended image has a gradient with respect to vertex
+   x, y at outline pixels. For a straight edge moving by `d` pixels along its normal, the summed
+   coverage changes by `d` per pixel of edge length, as the true area does (the four corner
+   pixels of a polygon are not box-filtered in 2D, a sub-pixel error). Horizontal pairs handle
+   edges that are closer to vertical and vertical pairs the others, so no edge counts twice.
 
 Winding and culling: a triangle that is counter-clockwise as seen by the viewer in a y-up frame
 (the front faces of the morphable models) is clockwise in screen space, because screen y points
@@ -81,24 +85,24 @@ _UNROLL_CHANNELS = 16
 
 @flax.struct.dataclass
 class Raster:
-    """Per-pixel rasterization result for a batch of images.
+  """Per-pixel rasterization result for a batch of images.
 
-    Attributes:
-      triangle_id: (B, H, W) int32, index into `triangles` of the visible triangle, -1 where no
-        triangle covers the pixel centre. Not differentiable.
-      barycentrics: (B, H, W, 3) float32, perspective-correct barycentric weights of the visible
-        triangle's three vertices (sum to 1), zero where uncovered. Differentiable with respect
-        to the screen vertices.
-      depth: (B, H, W) float32, depth (same units as the input depth) of the visible surface at
-        the pixel centre, zero where uncovered. Differentiable.
-      mask: (B, H, W) float32, 1 where covered, 0 elsewhere (hard, not differentiable; see
-        `soft_silhouette` for a coverage with outline gradients).
-    """
+  Attributes:
+    triangle_id: (B, H, W) int32, index into `triangles` of the visible triangle, -1 where no
+      triangle covers the pixel centre. Not differentiable.
+    barycentrics: (B, H, W, 3) float32, perspective-correct barycentric weights of the visible
+      triangle's three vertices (sum to 1), zero where uncovered. Differentiable with respect
+      to the screen vertices.
+    depth: (B, H, W) float32, depth (same units as the input depth) of the visible surface at
+      the pixel centre, zero where uncovered. Differentiable.
+    mask: (B, H, W) float32, 1 where covered, 0 elsewhere (hard, not differentiable; see
+      `soft_silhouette` for a coverage with outline gradients).
+  """
 
-    triangle_id: jax.Array
-    barycentrics: jax.Array
-    depth: jax.Array
-    mask: jax.Array
+  triangle_id: jax.Array
+  barycentrics: jax.Array
+  depth: jax.Array
+  mask: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,60 +116,50 @@ class Raster:
 
 
 def _once(fn, *args):
-    """`fn(*args)`, computed once into memory.
+  """`fn(*args)`, computed once into memory.
 
-    XLA:CPU fuses cheap elementwise producers into every consumer, which recomputes long
-    chains (like the triangle setup) many times; `optimization_barrier` is removed before
-    fusion on CPU. Computing `fn` inside one branch of a conditional with a run-time predicate
-    makes a fusion boundary without copies. The predicate `(k | 1) != 0` is always true, so
-    the other branch (zeros) never runs. Differentiable like any `lax.cond`.
-    """
-    probe = jax.tree_util.tree_leaves(args)[0].reshape(-1)[:1].astype(jnp.int32)
-    probe = jnp.sum(probe)
-    shapes = jax.eval_shape(fn, *args)
-    zeros = lambda *_: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-    return jax.lax.cond((probe | 1) != 0, fn, zeros, *args)
-
-
-def _per_image(fn, *batched):
-    """`fn` applied image by image with `lax.map` (keeps each step's working set in cache).
-
-    `fn` takes and returns arrays with a leading batch dimension of 1.
-    """
-    def one(args):
-        return jax.tree_util.tree_map(lambda o: o[0], fn(*[a[None] for a in args]))
-    return jax.lax.map(one, batched)
+  XLA:CPU fuses cheap elementwise producers into every consumer, which recomputes long
+  chains (like the triangle setup) many times; `optimization_barrier` is removed before
+  fusion on CPU. Computing `fn` inside one branch of a conditional with a run-time predicate
+  makes a fusion boundary without copies. The predicate `(k | 1) != 0` is always true, so
+  the other branch (zeros) never runs. Differentiable like any `lax.cond`.
+  """
+  probe = jax.tree_util.tree_leaves(args)[0].reshape(-1)[:1].astype(jnp.int32)
+  probe = jnp.sum(probe)
+  shapes = jax.eval_shape(fn, *args)
+  zeros = lambda *_: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  return jax.lax.cond((probe | 1) != 0, fn, zeros, *args)
 
 
 def _coordinate_planes(values):
-    """(B, N, C) -> C planes of shape (B*N,)."""
-    b, n, c = values.shape
-    return [values[..., ch].reshape(b * n) for ch in range(c)]
+  """(B, N, C) -> C planes of shape (B*N,)."""
+  b, n, c = values.shape
+  return [values[..., ch].reshape(b * n) for ch in range(c)]
 
 
 def _pixel_centres(height, width):
-    """(1, 1, W) and (1, H, 1) float32 x and y of the pixel centres."""
-    px = jnp.arange(width, dtype=jnp.float32)[None, None, :] + 0.5
-    py = jnp.arange(height, dtype=jnp.float32)[None, :, None] + 0.5
-    return px, py
+  """(1, 1, W) and (1, H, 1) float32 x and y of the pixel centres."""
+  px = jnp.arange(width, dtype=jnp.float32)[None, None, :] + 0.5
+  py = jnp.arange(height, dtype=jnp.float32)[None, :, None] + 0.5
+  return px, py
 
 
 def _edges_at(x, y, px, py):
-    """Edge vectors and functions of a triangle at points (px, py).
+  """Edge vectors and functions of a triangle at points (px, py).
 
-    Edge i runs from corner i+1 to corner i+2 (opposite corner i);
-    `e_i(p) = ex (py - ya) - ey (px - xa)`, so `e_i / (e_0 + e_1 + e_2)` is the screen-space
-    barycentric of corner i.
+  Edge i runs from corner i+1 to corner i+2 (opposite corner i);
+  `e_i(p) = ex (py - ya) - ey (px - xa)`, so `e_i / (e_0 + e_1 + e_2)` is the screen-space
+  barycentric of corner i.
 
-    Returns:
-      3 tuples `(ex, ey, e_i)`.
-    """
-    out = []
-    for i in range(3):
-        xa, ya = x[(i + 1) % 3], y[(i + 1) % 3]
-        ex, ey = x[(i + 2) % 3] - xa, y[(i + 2) % 3] - ya
-        out.append((ex, ey, ex * (py - ya) - ey * (px - xa)))
-    return out
+  Returns:
+    3 tuples `(ex, ey, e_i)`.
+  """
+  out = []
+  for i in range(3):
+    xa, ya = x[(i + 1) % 3], y[(i + 1) % 3]
+    ex, ey = x[(i + 2) % 3] - xa, y[(i + 2) % 3] - ya
+    out.append((ex, ey, ex * (py - ya) - ey * (px - xa)))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,296 +167,296 @@ def _edges_at(x, y, px, py):
 # ----------------------------------------------------------------------------------------------
 
 def _triangle_corners(coords, triangles, num_vertices, flat_triangle=None, batch=None):
-    """Screen x, y, depth planes of triangle corners.
+  """Screen x, y, depth planes of triangle corners.
 
-    Args:
-      coords: 3 planes (B*N,) float32 of screen x, y, depth.
-      triangles: (T, 3) int32.
-      num_vertices: static N.
-      flat_triangle: optional (K,) int32 triangle indices `b * T + t`; default all B*T.
-      batch: static B (needed when flat_triangle is None).
+  Args:
+    coords: 3 planes (B*N,) float32 of screen x, y, depth.
+    triangles: (T, 3) int32.
+    num_vertices: static N.
+    flat_triangle: optional (K,) int32 triangle indices `b * T + t`; default all B*T.
+    batch: static B (needed when flat_triangle is None).
 
-    Returns:
-      [x, y, z], each a list of three (K,) float32 planes, one per corner.
-    """
-    t = triangles.shape[0]
-    if flat_triangle is None:
-        base = (jnp.arange(batch, dtype=jnp.int32) * num_vertices)[:, None]
-        index = [(base + triangles[:, k][None, :]).reshape(-1) for k in range(3)]
-    else:
-        base = (flat_triangle // t) * num_vertices
-        local = flat_triangle % t
-        index = [base + triangles[:, k][local] for k in range(3)]
-    return [[plane[index[k]] for k in range(3)] for plane in coords]
+  Returns:
+    [x, y, z], each a list of three (K,) float32 planes, one per corner.
+  """
+  t = triangles.shape[0]
+  if flat_triangle is None:
+    base = (jnp.arange(batch, dtype=jnp.int32) * num_vertices)[:, None]
+    index = [(base + triangles[:, k][None, :]).reshape(-1) for k in range(3)]
+  else:
+    base = (flat_triangle // t) * num_vertices
+    local = flat_triangle % t
+    index = [base + triangles[:, k][local] for k in range(3)]
+  return [[plane[index[k]] for k in range(3)] for plane in coords]
 
 
 def _setup(corners, height, width, cull_backfaces, near):
-    """Edge functions, 1/depth plane and clipped pixel bounding box of triangles.
+  """Edge functions, 1/depth plane and clipped pixel bounding box of triangles.
 
-    Edge function i at the pixel centre offset (dx, dy) pixels from the bounding-box origin
-    centre is `c[i] + a[i] dx + b[i] dy`, oriented so that the inside of the triangle is >= 0;
-    1/depth there is `cw + aw dx + bw dy` (perspective-correct: 1/depth is linear in screen
-    space). Coefficients are computed relative to the origin pixel centre, which keeps float32
-    precision for small triangles.
+  Edge function i at the pixel centre offset (dx, dy) pixels from the bounding-box origin
+  centre is `c[i] + a[i] dx + b[i] dy`, oriented so that the inside of the triangle is >= 0;
+  1/depth there is `cw + aw dx + bw dy` (perspective-correct: 1/depth is linear in screen
+  space). Coefficients are computed relative to the origin pixel centre, which keeps float32
+  precision for small triangles.
 
-    Args:
-      corners: [x, y, z], three (K,) float32 planes each.
-      height, width: static image size.
-      cull_backfaces, near: static, see `visible_triangles`.
+  Args:
+    corners: [x, y, z], three (K,) float32 planes each.
+    height, width: static image size.
+    cull_backfaces, near: static, see `visible_triangles`.
 
-    Returns:
-      dict of (K,) planes: float32 `c, a, b` (tuples of 3), `cw, aw, bw`; int32 `j0, i0`
-      (origin column and row) and `nx, ny` (bounding-box size in pixel centres, 0 when the
-      triangle is not drawn).
-    """
-    x, y, z = corners
-    x0, x1, x2 = x
-    y0, y1, y2 = y
-    area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
-    in_front = (z[0] > near) & (z[1] > near) & (z[2] > near)
-    ok = in_front & (area != 0)
-    if cull_backfaces:
-        ok &= area < 0
+  Returns:
+    dict of (K,) planes: float32 `c, a, b` (tuples of 3), `cw, aw, bw`; int32 `origin`
+    (flat index `row * W + column` of the bounding-box origin pixel) and `nx, ny`
+    (bounding-box size in pixel centres, 0 when the triangle is not drawn).
+  """
+  x, y, z = corners
+  x0, x1, x2 = x
+  y0, y1, y2 = y
+  area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+  in_front = (z[0] > near) & (z[1] > near) & (z[2] > near)
+  ok = in_front & (area != 0)
+  if cull_backfaces:
+    ok &= area < 0
 
-    def span(v0, v1, v2, size):
-        # Pixel centres k + 0.5 within [min, max], clipped to [0, size).
-        lo = jnp.clip(jnp.minimum(jnp.minimum(v0, v1), v2), -2.0, size + 2.0)
-        hi = jnp.clip(jnp.maximum(jnp.maximum(v0, v1), v2), -2.0, size + 2.0)
-        first = jnp.maximum(jnp.ceil(lo - 0.5), 0.0)
-        last = jnp.minimum(jnp.floor(hi - 0.5), size - 1.0)
-        count = jnp.where(ok, jnp.maximum(last - first + 1.0, 0.0), 0.0)
-        return first, count
+  def span(v0, v1, v2, size):
+    # Pixel centres k + 0.5 within [min, max], clipped to [0, size).
+    lo = jnp.clip(jnp.minimum(jnp.minimum(v0, v1), v2), -2.0, size + 2.0)
+    hi = jnp.clip(jnp.maximum(jnp.maximum(v0, v1), v2), -2.0, size + 2.0)
+    first = jnp.maximum(jnp.ceil(lo - 0.5), 0.0)
+    last = jnp.minimum(jnp.floor(hi - 0.5), size - 1.0)
+    count = jnp.where(ok, jnp.maximum(last - first + 1.0, 0.0), 0.0)
+    return first, count
 
-    j0, nx = span(x0, x1, x2, width)
-    i0, ny = span(y0, y1, y2, height)
-    ox, oy = j0 + 0.5, i0 + 0.5
-    sign = jnp.where(area < 0, -1.0, 1.0)
-    inv_area = 1.0 / jnp.where(area != 0, area, 1.0)
-    c, a, b = [], [], []
-    cw = aw = bw = 0.0
-    for i, (ex, ey, e) in enumerate(_edges_at(x, y, ox, oy)):
-        wi = 1.0 / jnp.where(in_front, z[i], 1.0)
-        c.append(sign * e)
-        a.append(-sign * ey)
-        b.append(sign * ex)
-        cw = cw + e * wi
-        aw = aw - ey * wi
-        bw = bw + ex * wi
-    return dict(c=tuple(c), a=tuple(a), b=tuple(b), cw=cw * inv_area, aw=aw * inv_area,
-                bw=bw * inv_area, j0=j0.astype(jnp.int32), i0=i0.astype(jnp.int32),
-                nx=nx.astype(jnp.int32), ny=ny.astype(jnp.int32))
+  j0, nx = span(x0, x1, x2, width)
+  i0, ny = span(y0, y1, y2, height)
+  ox, oy = j0 + 0.5, i0 + 0.5
+  sign = jnp.where(area < 0, -1.0, 1.0)
+  inv_area = 1.0 / jnp.where(area != 0, area, 1.0)
+  c, a, b = [], [], []
+  cw = aw = bw = 0.0
+  for i, (ex, ey, e) in enumerate(_edges_at(x, y, ox, oy)):
+    wi = 1.0 / jnp.where(in_front, z[i], 1.0)
+    c.append(sign * e)
+    a.append(-sign * ey)
+    b.append(sign * ex)
+    cw = cw + e * wi
+    aw = aw - ey * wi
+    bw = bw + ex * wi
+  return dict(c=tuple(c), a=tuple(a), b=tuple(b), cw=cw * inv_area, aw=aw * inv_area,
+              bw=bw * inv_area, origin=(i0 * width + j0).astype(jnp.int32),
+              nx=nx.astype(jnp.int32), ny=ny.astype(jnp.int32))
 
 
 def _fragments(s, dx, dy, image, height, width, num_pixels):
-    """Coverage and 1/depth of candidate pixels.
+  """Coverage and 1/depth of candidate pixels.
 
-    Args:
-      s: `_setup` dict (broadcast against dx, dy).
-      dx, dy: int32 offsets of the candidate from the bounding-box origin.
-      image: int32 batch index of the triangle (broadcast).
-      height, width: static image size.
-      num_pixels: static B*H*W.
+  Args:
+    s: `_setup` dict (broadcast against dx, dy).
+    dx, dy: int32 offsets of the candidate from the bounding-box origin.
+    image: int32 batch index of the triangle (broadcast).
+    height, width: static image size.
+    num_pixels: static B*H*W.
 
-    Returns:
-      inv_depth: float32 perspective-correct 1/depth at the pixel centre.
-      pixel: int32 flat index `(image * H + row) * W + column` where covered (inside the
-        clipped bounding box and the triangle, edges inclusive), else a dummy index
-        `>= num_pixels`.
-    """
-    fx = dx.astype(jnp.float32)
-    fy = dy.astype(jnp.float32)
-    covered = (dx < s["nx"]) & (dy < s["ny"])
-    for i in range(3):
-        covered &= s["c"][i] + s["a"][i] * fx + s["b"][i] * fy >= 0
-    inv_depth = s["cw"] + s["aw"] * fx + s["bw"] * fy
-    pixel = (image * height + s["i0"] + dy) * width + s["j0"] + dx
-    spread = jnp.arange(covered.size, dtype=jnp.int32).reshape(covered.shape)
-    dummy = num_pixels + (spread & (_DUMMY_SLOTS - 1))
-    return inv_depth, jnp.where(covered, pixel, dummy)
+  Returns:
+    inv_depth: float32 perspective-correct 1/depth at the pixel centre.
+    pixel: int32 flat index `(image * H + row) * W + column` where covered (inside the
+      clipped bounding box and the triangle, edges inclusive), else a dummy index
+      `>= num_pixels`.
+  """
+  fx = dx.astype(jnp.float32)
+  fy = dy.astype(jnp.float32)
+  covered = (dx < s["nx"]) & (dy < s["ny"])
+  for i in range(3):
+    covered &= s["c"][i] + s["a"][i] * fx + s["b"][i] * fy >= 0
+  inv_depth = s["cw"] + s["aw"] * fx + s["bw"] * fy
+  pixel = image * (height * width) + s["origin"] + dy * width + dx
+  spread = jnp.arange(covered.size, dtype=jnp.int32).reshape(covered.shape)
+  dummy = num_pixels + (spread & (_DUMMY_SLOTS - 1))
+  return inv_depth, jnp.where(covered, pixel, dummy)
 
 
 def _resolve_ids(idbuf, zbuf, inv_depth, pixel, triangle, num_pixels):
-    """Scatter-min of the triangle id of the fragments whose 1/depth equals the z-buffer."""
-    win = (pixel < num_pixels) & (inv_depth == zbuf[pixel])
-    target = jnp.where(win, pixel, num_pixels)
-    return idbuf.at[target].min(triangle, mode="promise_in_bounds")
+  """Scatter-min of the triangle id of the fragments whose 1/depth equals the z-buffer."""
+  win = (pixel < num_pixels) & (inv_depth == zbuf[pixel])
+  target = jnp.where(win, pixel, num_pixels)
+  return idbuf.at[target].min(triangle, mode="promise_in_bounds")
 
 
 def _large_loop(coords, triangles, num_vertices, is_large, height, width, cull_backfaces,
                 near, zbuf, idbuf):
-    """Both z-buffer passes for the triangles that do not fit the small window.
+  """Both z-buffer passes for the triangles that do not fit the small window.
 
-    The large triangles are compacted into a list and walked in windows of `_WINDOW`
-    triangles; a step rasterizes the next `_BLOCKS_PER_STEP` blocks of `_BLOCK x _BLOCK`
-    candidate pixels of the window's bounding boxes, in order, until all blocks of all large
-    triangles are done (no cap on size or count). Phase 0 scatter-maxes 1/depth into `zbuf`;
-    phase 1 scatter-mins the triangle id of the fragments equal to the final `zbuf` (the small
-    triangles' depths are already in `zbuf`). Both phases run the same compiled fragment code,
-    so the equality sees bit-identical values.
+  The large triangles are compacted into a list and walked in windows of `_WINDOW`
+  triangles; a step rasterizes the next `_BLOCKS_PER_STEP` blocks of `_BLOCK x _BLOCK`
+  candidate pixels of the window's bounding boxes, in order, until all blocks of all large
+  triangles are done (no cap on size or count). Phase 0 scatter-maxes 1/depth into `zbuf`;
+  phase 1 scatter-mins the triangle id of the fragments equal to the final `zbuf` (the small
+  triangles' depths are already in `zbuf`). Both phases run the same compiled fragment code,
+  so the equality sees bit-identical values.
 
-    Args:
-      coords: 3 planes (B*N,) float32 screen x, y, depth.
-      triangles: (T, 3) int32; num_vertices: static N.
-      is_large: (B*T,) bool.
-      height, width, cull_backfaces, near: static.
-      zbuf: (B*H*W + dummies,) float32, max of 1/depth so far (0 = empty).
-      idbuf: (B*H*W + dummies,) int32, min visible triangle id so far (T = none).
+  Args:
+    coords: 3 planes (B*N,) float32 screen x, y, depth.
+    triangles: (T, 3) int32; num_vertices: static N.
+    is_large: (B*T,) bool.
+    height, width, cull_backfaces, near: static.
+    zbuf: (B*H*W + dummies,) float32, max of 1/depth so far (0 = empty).
+    idbuf: (B*H*W + dummies,) int32, min visible triangle id so far (T = none).
 
-    Returns:
-      zbuf, idbuf after both phases.
-    """
-    g = is_large.shape[0]
-    t = triangles.shape[0]
-    num_pixels = zbuf.shape[0] - _DUMMY_SLOTS
-    blocks_max = -(-height // _BLOCK) * -(-width // _BLOCK)
-    window = max(1, min(_WINDOW, _INT32_MAX // blocks_max))
-    steps = _BLOCKS_PER_STEP
+  Returns:
+    zbuf, idbuf after both phases.
+  """
+  g = is_large.shape[0]
+  t = triangles.shape[0]
+  num_pixels = zbuf.shape[0] - _DUMMY_SLOTS
+  blocks_max = -(-height // _BLOCK) * -(-width // _BLOCK)
+  window = max(1, min(_WINDOW, _INT32_MAX // blocks_max))
+  steps = _BLOCKS_PER_STEP
 
-    flags = is_large.astype(jnp.int32)
-    position = jnp.cumsum(flags) - flags
-    count = position[-1] + flags[-1]
-    order = jnp.zeros((g + window,), jnp.int32).at[jnp.where(is_large, position, g + window)].set(
-        jnp.arange(g, dtype=jnp.int32), mode="drop")
+  flags = is_large.astype(jnp.int32)
+  position = jnp.cumsum(flags) - flags
+  count = position[-1] + flags[-1]
+  order = jnp.zeros((g + window,), jnp.int32).at[jnp.where(is_large, position, g + window)].set(
+      jnp.arange(g, dtype=jnp.int32), mode="drop")
 
-    k = jnp.arange(window, dtype=jnp.int32)
-    ox = jnp.tile(jnp.arange(_BLOCK, dtype=jnp.int32), _BLOCK)
-    oy = jnp.repeat(jnp.arange(_BLOCK, dtype=jnp.int32), _BLOCK)
-    log_window = max(1, math.ceil(math.log2(window + 1)))
+  k = jnp.arange(window, dtype=jnp.int32)
+  ox = jnp.tile(jnp.arange(_BLOCK, dtype=jnp.int32), _BLOCK)
+  oy = jnp.repeat(jnp.arange(_BLOCK, dtype=jnp.int32), _BLOCK)
+  log_window = max(1, math.ceil(math.log2(window + 1)))
 
-    def setup(tri):
-        corners = _triangle_corners(coords, triangles, num_vertices, flat_triangle=tri)
-        return _setup(corners, height, width, cull_backfaces, near)
+  def setup(tri):
+    corners = _triangle_corners(coords, triangles, num_vertices, flat_triangle=tri)
+    return _setup(corners, height, width, cull_backfaces, near)
 
-    def blocks_of(s, tri, cursor, start):
-        # Block q of the window -> owning triangle (binary search over the block prefix sum)
-        # and the block's position in that triangle's bounding box.
-        bx = (s["nx"] + _BLOCK - 1) // _BLOCK
-        by = (s["ny"] + _BLOCK - 1) // _BLOCK
-        blocks = jnp.where(cursor + k < count, bx * by, 0)
-        ends = jnp.cumsum(blocks)  # inclusive, at most window * blocks_max < 2**31
-        q = start + jnp.arange(steps, dtype=jnp.int32)
-        owner = jnp.zeros_like(q)
-        for bit in reversed(range(log_window)):
-            probe = owner + (1 << bit)
-            hit = (probe <= window) & (ends[jnp.minimum(probe, window) - 1] <= q)
-            owner = jnp.where(hit, probe, owner)
-        owner = jnp.minimum(owner, window - 1)
-        local = q - (ends[owner] - blocks[owner])
-        per_row = jnp.maximum(bx[owner], 1)
-        so = jax.tree_util.tree_map(lambda v: v[owner], s)
-        so["nx"] = jnp.where(q < ends[-1], so["nx"], 0)  # past the last block: nothing
-        return so, (local % per_row) * _BLOCK, (local // per_row) * _BLOCK, tri[owner], ends
+  def blocks_of(s, tri, cursor, start):
+    # Block q of the window -> owning triangle (binary search over the block prefix sum)
+    # and the block's position in that triangle's bounding box.
+    bx = (s["nx"] + _BLOCK - 1) // _BLOCK
+    by = (s["ny"] + _BLOCK - 1) // _BLOCK
+    blocks = jnp.where(cursor + k < count, bx * by, 0)
+    ends = jnp.cumsum(blocks)  # inclusive, at most window * blocks_max < 2**31
+    q = start + jnp.arange(steps, dtype=jnp.int32)
+    owner = jnp.zeros_like(q)
+    for bit in reversed(range(log_window)):
+      probe = owner + (1 << bit)
+      hit = (probe <= window) & (ends[jnp.minimum(probe, window) - 1] <= q)
+      owner = jnp.where(hit, probe, owner)
+    owner = jnp.minimum(owner, window - 1)
+    local = q - (ends[owner] - blocks[owner])
+    per_row = jnp.maximum(bx[owner], 1)
+    so = jax.tree_util.tree_map(lambda v: v[owner], s)
+    so["nx"] = jnp.where(q < ends[-1], so["nx"], 0)  # past the last block: nothing
+    return so, (local % per_row) * _BLOCK, (local // per_row) * _BLOCK, tri[owner], ends
 
-    def fragments(so, cx, cy, gid):
-        s2 = jax.tree_util.tree_map(lambda v: v[:, None], so)
-        inv_depth, pixel = _fragments(s2, cx[:, None] + ox, cy[:, None] + oy,
-                                      (gid // t)[:, None], height, width, num_pixels)
-        return inv_depth, pixel, jnp.broadcast_to((gid % t)[:, None], pixel.shape)
+  def fragments(so, cx, cy, gid):
+    s2 = jax.tree_util.tree_map(lambda v: v[:, None], so)
+    inv_depth, pixel = _fragments(s2, cx[:, None] + ox, cy[:, None] + oy,
+                                  (gid // t)[:, None], height, width, num_pixels)
+    return inv_depth, pixel, jnp.broadcast_to((gid % t)[:, None], pixel.shape)
 
-    def body(state):
-        phase, cursor, start, zbuf, idbuf = state
-        tri = jax.lax.dynamic_slice(order, (cursor,), (window,))
-        s = _once(setup, tri)
-        so, cx, cy, gid, ends = _once(blocks_of, s, tri, cursor, start)
-        inv_depth, pixel, tid = _once(fragments, so, cx, cy, gid)
+  def body(state):
+    phase, cursor, start, zbuf, idbuf = state
+    tri = jax.lax.dynamic_slice(order, (cursor,), (window,))
+    s = _once(setup, tri)
+    so, cx, cy, gid, ends = _once(blocks_of, s, tri, cursor, start)
+    inv_depth, pixel, tid = _once(fragments, so, cx, cy, gid)
 
-        def depth_pass(bufs):
-            zb, ib = bufs
-            return zb.at[pixel].max(inv_depth, mode="promise_in_bounds"), ib
+    def depth_pass(bufs):
+      zb, ib = bufs
+      return zb.at[pixel].max(inv_depth, mode="promise_in_bounds"), ib
 
-        def id_pass(bufs):
-            zb, ib = bufs
-            return zb, _resolve_ids(ib, zb, inv_depth, pixel, tid, num_pixels)
+    def id_pass(bufs):
+      zb, ib = bufs
+      return zb, _resolve_ids(ib, zb, inv_depth, pixel, tid, num_pixels)
 
-        zbuf, idbuf = jax.lax.cond(phase == 0, depth_pass, id_pass, (zbuf, idbuf))
-        total = ends[-1]
-        reached = jnp.minimum(start + steps, total)
-        done = jnp.sum((ends <= reached).astype(jnp.int32))
-        consumed = jnp.where(done > 0, ends[jnp.maximum(done - 1, 0)], 0)
-        cursor = cursor + done
-        start = reached - consumed
-        finished = cursor >= count
-        phase = jnp.where(finished, phase + 1, phase)
-        cursor = jnp.where(finished, 0, cursor)
-        start = jnp.where(finished, 0, start)
-        return phase, cursor, start, zbuf, idbuf
+    zbuf, idbuf = jax.lax.cond(phase == 0, depth_pass, id_pass, (zbuf, idbuf))
+    total = ends[-1]
+    reached = jnp.minimum(start + steps, total)
+    done = jnp.sum((ends <= reached).astype(jnp.int32))
+    consumed = jnp.where(done > 0, ends[jnp.maximum(done - 1, 0)], 0)
+    cursor = cursor + done
+    start = reached - consumed
+    finished = cursor >= count
+    phase = jnp.where(finished, phase + 1, phase)
+    cursor = jnp.where(finished, 0, cursor)
+    start = jnp.where(finished, 0, start)
+    return phase, cursor, start, zbuf, idbuf
 
-    init = (jnp.where(count > 0, 0, 2).astype(jnp.int32), jnp.int32(0), jnp.int32(0), zbuf, idbuf)
-    _, _, _, zbuf, idbuf = jax.lax.while_loop(lambda st: st[0] < 2, body, init)
-    return zbuf, idbuf
+  init = (jnp.where(count > 0, 0, 2).astype(jnp.int32), jnp.int32(0), jnp.int32(0), zbuf, idbuf)
+  _, _, _, zbuf, idbuf = jax.lax.while_loop(lambda st: st[0] < 2, body, init)
+  return zbuf, idbuf
 
 
 def _visible_batch(screen_vertices, triangles, height, width, cull_backfaces, near):
-    """`visible_triangles` for all images at once (one scatter buffer for the batch).
+  """`visible_triangles` for all images at once (one scatter buffer for the batch).
 
-    Args:
-      screen_vertices: (B, N, 3) float32, no gradients; triangles: (T, 3) int32 with T > 0.
+  Args:
+    screen_vertices: (B, N, 3) float32, no gradients; triangles: (T, 3) int32 with T > 0.
 
-    Returns:
-      (B, H, W) int32, -1 where uncovered.
-    """
-    b, n, _ = screen_vertices.shape
-    t = triangles.shape[0]
-    coords = _coordinate_planes(screen_vertices)
-    num_pixels = b * height * width
-    g = jnp.arange(b * t, dtype=jnp.int32)
+  Returns:
+    (B, H, W) int32, -1 where uncovered.
+  """
+  b, n, _ = screen_vertices.shape
+  t = triangles.shape[0]
+  coords = _coordinate_planes(screen_vertices)
+  num_pixels = b * height * width
+  g = jnp.arange(b * t, dtype=jnp.int32)
 
-    def setup(corners):
-        s = _setup(corners, height, width, cull_backfaces, near)
-        large = (s["nx"] > 0) & (s["ny"] > 0) & ((s["nx"] > _SMALL) | (s["ny"] > _SMALL))
-        return s, large
+  def setup(corners):
+    s = _setup(corners, height, width, cull_backfaces, near)
+    large = (s["nx"] > 0) & (s["ny"] > 0) & ((s["nx"] > _SMALL) | (s["ny"] > _SMALL))
+    return s, large
 
-    def small_fragments(s, large):
-        # A fixed 2 x 2 window at the bounding-box origin of every triangle.
-        dx = jnp.tile(jnp.arange(_SMALL, dtype=jnp.int32), _SMALL)
-        dy = jnp.repeat(jnp.arange(_SMALL, dtype=jnp.int32), _SMALL)
-        s2 = jax.tree_util.tree_map(lambda v: v[:, None], s)
-        s2["nx"] = jnp.where(large[:, None], 0, s2["nx"])
-        return _fragments(s2, dx, dy, (g // t)[:, None], height, width, num_pixels)
+  def small_fragments(s, large):
+    # A fixed 2 x 2 window at the bounding-box origin of every triangle.
+    dx = jnp.tile(jnp.arange(_SMALL, dtype=jnp.int32), _SMALL)
+    dy = jnp.repeat(jnp.arange(_SMALL, dtype=jnp.int32), _SMALL)
+    s2 = jax.tree_util.tree_map(lambda v: v[:, None], s)
+    s2["nx"] = jnp.where(large[:, None], 0, s2["nx"])
+    return _fragments(s2, dx, dy, (g // t)[:, None], height, width, num_pixels)
 
-    corners = _once(lambda c: _triangle_corners(c, triangles, n, batch=b), coords)
-    s, large = _once(setup, corners)
-    inv_depth, pixel = _once(small_fragments, s, large)
-    tid = jnp.broadcast_to((g % t)[:, None], pixel.shape)
+  corners = _once(lambda c: _triangle_corners(c, triangles, n, batch=b), coords)
+  s, large = _once(setup, corners)
+  inv_depth, pixel = _once(small_fragments, s, large)
+  tid = jnp.broadcast_to((g % t)[:, None], pixel.shape)
 
-    zbuf = jnp.zeros((num_pixels + _DUMMY_SLOTS,), jnp.float32)
-    zbuf = zbuf.at[pixel].max(inv_depth, mode="promise_in_bounds")
-    idbuf = jnp.full((num_pixels + _DUMMY_SLOTS,), t, jnp.int32)
-    zbuf, idbuf = _large_loop(coords, triangles, n, large, height, width, cull_backfaces, near,
-                              zbuf, idbuf)
-    idbuf = _resolve_ids(idbuf, zbuf, inv_depth, pixel, tid, num_pixels)
-    ids = idbuf[:num_pixels].reshape(b, height, width)
-    return jnp.where(ids == t, -1, ids)
+  zbuf = jnp.zeros((num_pixels + _DUMMY_SLOTS,), jnp.float32)
+  zbuf = zbuf.at[pixel].max(inv_depth, mode="promise_in_bounds")
+  idbuf = jnp.full((num_pixels + _DUMMY_SLOTS,), t, jnp.int32)
+  zbuf, idbuf = _large_loop(coords, triangles, n, large, height, width, cull_backfaces, near,
+                            zbuf, idbuf)
+  idbuf = _resolve_ids(idbuf, zbuf, inv_depth, pixel, tid, num_pixels)
+  ids = idbuf[:num_pixels].reshape(b, height, width)
+  return jnp.where(ids == t, -1, ids)
 
 
 def visible_triangles(screen_vertices, triangles, image_size: Tuple[int, int], *,
                       cull_backfaces: bool = False, near: float = 1e-3):
-    """Exact z-buffer: the visible triangle at every pixel centre (not differentiable).
+  """Exact z-buffer: the visible triangle at every pixel centre (not differentiable).
 
-    Images are processed one after the other (`lax.map`), which keeps each step's working set
-    in cache; the per-image time does not grow with the batch.
+  Images are processed one after the other (`lax.map`), which keeps each step's working set
+  in cache; the per-image time does not grow with the batch.
 
-    Args:
-      screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`; depth > 0 in front of the camera.
-      triangles: (T, 3) int32 vertex indices.
-      image_size: static `(H, W)` in pixels.
-      cull_backfaces: static; if True draw only triangles that are counter-clockwise in a y-up
-        view (negative signed area in y-down screen space).
-      near: static; triangles with any vertex at `depth <= near` are not drawn.
+  Args:
+    screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`; depth > 0 in front of the camera.
+    triangles: (T, 3) int32 vertex indices.
+    image_size: static `(H, W)` in pixels.
+    cull_backfaces: static; if True draw only triangles that are counter-clockwise in a y-up
+      view (negative signed area in y-down screen space).
+    near: static; triangles with any vertex at `depth <= near` are not drawn.
 
-    Returns:
-      (B, H, W) int32 triangle index, -1 where no triangle covers the pixel centre. Ties in
-      float32 1/depth go to the lower triangle index.
-    """
-    height, width = int(image_size[0]), int(image_size[1])
-    b = screen_vertices.shape[0]
-    if triangles.shape[0] == 0:
-        return jnp.full((b, height, width), -1, jnp.int32)
-    screen_vertices = jax.lax.stop_gradient(screen_vertices).astype(jnp.float32)
-    triangles = jnp.asarray(triangles, jnp.int32)
-    one = lambda sv: _visible_batch(sv[None], triangles, height, width, cull_backfaces,
-                                    near)[0]
-    return jax.lax.map(one, screen_vertices)
+  Returns:
+    (B, H, W) int32 triangle index, -1 where no triangle covers the pixel centre. Ties in
+    float32 1/depth go to the lower triangle index.
+  """
+  height, width = int(image_size[0]), int(image_size[1])
+  b = screen_vertices.shape[0]
+  if triangles.shape[0] == 0:
+    return jnp.full((b, height, width), -1, jnp.int32)
+  screen_vertices = jax.lax.stop_gradient(screen_vertices).astype(jnp.float32)
+  triangles = jnp.asarray(triangles, jnp.int32)
+  one = lambda sv: _visible_batch(sv[None], triangles, height, width, cull_backfaces,
+                                  near)[0]
+  return jax.lax.map(one, screen_vertices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,120 +464,120 @@ def visible_triangles(screen_vertices, triangles, image_size: Tuple[int, int], *
 # ----------------------------------------------------------------------------------------------
 
 def _pixel_corner_index(triangles, triangle_id, num_vertices):
-    """3 planes (B, H, W) int32: rows of the flattened (B*N,) vertex planes for each pixel's
-    visible-triangle corners (triangle 0 where uncovered; mask the results)."""
-    b = triangle_id.shape[0]
-    safe = jnp.maximum(jax.lax.stop_gradient(triangle_id), 0)
-    base = (jnp.arange(b, dtype=jnp.int32) * num_vertices)[:, None, None]
-    triangles = jnp.asarray(triangles, jnp.int32)
-    return [triangles[:, k][safe] + base for k in range(3)]
+  """3 planes (B, H, W) int32: rows of the flattened (B*N,) vertex planes for each pixel's
+  visible-triangle corners (triangle 0 where uncovered; mask the results)."""
+  b = triangle_id.shape[0]
+  safe = jnp.maximum(jax.lax.stop_gradient(triangle_id), 0)
+  base = (jnp.arange(b, dtype=jnp.int32) * num_vertices)[:, None, None]
+  triangles = jnp.asarray(triangles, jnp.int32)
+  return [triangles[:, k][safe] + base for k in range(3)]
 
 
 def _pixel_corners(values, triangles, triangle_id, channels=None):
-    """Per-pixel corner values: out[ch][k] is a (B, H, W) plane of channel ch at corner k.
+  """Per-pixel corner values: out[ch][k] is a (B, H, W) plane of channel ch at corner k.
 
-    Args:
-      values: (B, N, C) per-vertex values.
-      triangles: (T, 3) int32.
-      triangle_id: (B, H, W) int32 (-1 = none; gathers triangle 0 there).
-      channels: optional number of leading channels to use.
-    """
-    index = _pixel_corner_index(triangles, triangle_id, values.shape[1])
-    planes = _coordinate_planes(values if channels is None else values[..., :channels])
-    return [[plane[index[k]] for k in range(3)] for plane in planes]
+  Args:
+    values: (B, N, C) per-vertex values.
+    triangles: (T, 3) int32.
+    triangle_id: (B, H, W) int32 (-1 = none; gathers triangle 0 there).
+    channels: optional number of leading channels to use.
+  """
+  index = _pixel_corner_index(triangles, triangle_id, values.shape[1])
+  planes = _coordinate_planes(values if channels is None else values[..., :channels])
+  return [[plane[index[k]] for k in range(3)] for plane in planes]
 
 
 def barycentrics(screen_vertices, triangles, triangle_id):
-    """Perspective-correct barycentrics and depth for fixed visible triangles (differentiable).
+  """Perspective-correct barycentrics and depth for fixed visible triangles (differentiable).
 
-    With the triangle ids fixed, the barycentrics are recomputed from the gathered screen
-    vertices, so gradients reach x, y and depth of the visible triangles' corners.
+  With the triangle ids fixed, the barycentrics are recomputed from the gathered screen
+  vertices, so gradients reach x, y and depth of the visible triangles' corners.
 
-    Args:
-      screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`.
-      triangles: (T, 3) int32.
-      triangle_id: (B, H, W) int32 from `visible_triangles` (-1 = none); treated as constant.
+  Args:
+    screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`.
+    triangles: (T, 3) int32.
+    triangle_id: (B, H, W) int32 from `visible_triangles` (-1 = none); treated as constant.
 
-    Returns:
-      bary: (B, H, W, 3) float32 perspective-correct weights (zero where uncovered).
-      depth: (B, H, W) float32 depth at the pixel centre (zero where uncovered).
-    """
-    return _barycentrics_batch(screen_vertices.astype(jnp.float32), triangles,
-                               jax.lax.stop_gradient(triangle_id))
+  Returns:
+    bary: (B, H, W, 3) float32 perspective-correct weights (zero where uncovered).
+    depth: (B, H, W) float32 depth at the pixel centre (zero where uncovered).
+  """
+  return _barycentrics_batch(screen_vertices.astype(jnp.float32), triangles,
+                             jax.lax.stop_gradient(triangle_id))
 
 
 def _barycentrics_batch(screen_vertices, triangles, triangle_id):
-    """`barycentrics` for all images at once."""
-    _, height, width = triangle_id.shape
-    covered = jax.lax.stop_gradient(triangle_id) >= 0
-    x, y, z = _pixel_corners(screen_vertices.astype(jnp.float32), triangles, triangle_id)
-    z = [jnp.where(covered, zk, 1.0) for zk in z]
-    px, py = _pixel_centres(height, width)
-    e = [edge for _, _, edge in _edges_at(x, y, px, py)]
-    area = e[0] + e[1] + e[2]
-    inv_area = 1.0 / jnp.where(covered & (area != 0), area, 1.0)
-    q = [e[k] * inv_area / z[k] for k in range(3)]  # screen barycentric / depth
-    inv_depth = q[0] + q[1] + q[2]
-    ok = covered & (inv_depth != 0)
-    rcp = 1.0 / jnp.where(ok, inv_depth, 1.0)
-    bary = jnp.stack([jnp.where(ok, q[k] * rcp, 0.0) for k in range(3)], axis=-1)
-    return bary, jnp.where(ok, rcp, 0.0)
+  """`barycentrics` for all images at once."""
+  _, height, width = triangle_id.shape
+  covered = jax.lax.stop_gradient(triangle_id) >= 0
+  x, y, z = _pixel_corners(screen_vertices.astype(jnp.float32), triangles, triangle_id)
+  z = [jnp.where(covered, zk, 1.0) for zk in z]
+  px, py = _pixel_centres(height, width)
+  e = [edge for _, _, edge in _edges_at(x, y, px, py)]
+  area = e[0] + e[1] + e[2]
+  inv_area = 1.0 / jnp.where(covered & (area != 0), area, 1.0)
+  q = [e[k] * inv_area / z[k] for k in range(3)]  # screen barycentric / depth
+  inv_depth = q[0] + q[1] + q[2]
+  ok = covered & (inv_depth != 0)
+  rcp = 1.0 / jnp.where(ok, inv_depth, 1.0)
+  bary = jnp.stack([jnp.where(ok, q[k] * rcp, 0.0) for k in range(3)], axis=-1)
+  return bary, jnp.where(ok, rcp, 0.0)
 
 
 def rasterize(screen_vertices, triangles, image_size: Tuple[int, int], *,
               cull_backfaces: bool = False, near: float = 1e-3) -> Raster:
-    """Rasterize a batch of meshes that share one triangle list.
+  """Rasterize a batch of meshes that share one triangle list.
 
-    Args:
-      screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`, pixel centres at integer + 0.5,
-        y down, depth > 0 in front of the camera.
-      triangles: (T, 3) int32 vertex indices.
-      image_size: static `(H, W)`.
-      cull_backfaces: static; draw only faces that are counter-clockwise in a y-up view
-        (clockwise, i.e. negative signed area, in y-down screen space).
-      near: static; triangles with any vertex at `depth <= near` are dropped (no clipping).
+  Args:
+    screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)`, pixel centres at integer + 0.5,
+      y down, depth > 0 in front of the camera.
+    triangles: (T, 3) int32 vertex indices.
+    image_size: static `(H, W)`.
+    cull_backfaces: static; draw only faces that are counter-clockwise in a y-up view
+      (clockwise, i.e. negative signed area, in y-down screen space).
+    near: static; triangles with any vertex at `depth <= near` are dropped (no clipping).
 
-    Returns:
-      `Raster` with (B, H, W) fields; barycentrics and depth carry gradients to the screen
-      vertices, triangle ids and mask are constants.
-    """
-    ids = visible_triangles(screen_vertices, triangles, image_size,
-                            cull_backfaces=cull_backfaces, near=near)
-    bary, depth = barycentrics(screen_vertices, triangles, ids)
-    return Raster(triangle_id=ids, barycentrics=bary, depth=depth,
-                  mask=(ids >= 0).astype(jnp.float32))
+  Returns:
+    `Raster` with (B, H, W) fields; barycentrics and depth carry gradients to the screen
+    vertices, triangle ids and mask are constants.
+  """
+  ids = visible_triangles(screen_vertices, triangles, image_size,
+                          cull_backfaces=cull_backfaces, near=near)
+  bary, depth = barycentrics(screen_vertices, triangles, ids)
+  return Raster(triangle_id=ids, barycentrics=bary, depth=depth,
+                mask=(ids >= 0).astype(jnp.float32))
 
 
 def interpolate(attributes, raster: Raster, triangles):
-    """Interpolate per-vertex attributes with the raster's perspective-correct barycentrics.
+  """Interpolate per-vertex attributes with the raster's perspective-correct barycentrics.
 
-    Args:
-      attributes: (B, N, C) per-vertex values (colours, normals, camera-space positions, ...).
-        A (N, C) array is broadcast over the batch.
-      raster: `Raster` from `rasterize` with the same triangles.
-      triangles: (T, 3) int32.
+  Args:
+    attributes: (B, N, C) per-vertex values (colours, normals, camera-space positions, ...).
+      A (N, C) array is broadcast over the batch.
+    raster: `Raster` from `rasterize` with the same triangles.
+    triangles: (T, 3) int32.
 
-    Returns:
-      (B, H, W, C) attributes at the pixel centres, zero where uncovered. Differentiable with
-      respect to the attributes and, through the barycentrics, to the screen vertices.
-    """
-    b = raster.triangle_id.shape[0]
-    if attributes.ndim == 2:
-        attributes = jnp.broadcast_to(attributes[None], (b,) + attributes.shape)
-    return _interpolate_batch(attributes, jax.lax.stop_gradient(raster.triangle_id),
-                              raster.barycentrics, triangles)
+  Returns:
+    (B, H, W, C) attributes at the pixel centres, zero where uncovered. Differentiable with
+    respect to the attributes and, through the barycentrics, to the screen vertices.
+  """
+  b = raster.triangle_id.shape[0]
+  if attributes.ndim == 2:
+    attributes = jnp.broadcast_to(attributes[None], (b,) + attributes.shape)
+  return _interpolate_batch(attributes, jax.lax.stop_gradient(raster.triangle_id),
+                            raster.barycentrics, triangles)
 
 
 def _interpolate_batch(attributes, triangle_id, bary, triangles):
-    """`interpolate` for all images at once."""
-    b, n, c = attributes.shape
-    w = [bary[..., k].astype(attributes.dtype) for k in range(3)]
-    if c <= _UNROLL_CHANNELS:
-        a = _pixel_corners(attributes, triangles, triangle_id)
-        return jnp.stack([w[0] * ak[0] + w[1] * ak[1] + w[2] * ak[2] for ak in a], axis=-1)
-    index = _pixel_corner_index(triangles, triangle_id, n)
-    table = attributes.reshape(b * n, c)
-    return sum(w[k][..., None] * table[index[k]] for k in range(3))
+  """`interpolate` for all images at once."""
+  b, n, c = attributes.shape
+  w = [bary[..., k].astype(attributes.dtype) for k in range(3)]
+  if c <= _UNROLL_CHANNELS:
+    a = _pixel_corners(attributes, triangles, triangle_id)
+    return jnp.stack([w[0] * ak[0] + w[1] * ak[1] + w[2] * ak[2] for ak in a], axis=-1)
+  index = _pixel_corner_index(triangles, triangle_id, n)
+  table = attributes.reshape(b * n, c)
+  return sum(w[k][..., None] * table[index[k]] for k in range(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,190 +588,199 @@ _DIRECTIONS = ((2, 1), (2, -1), (1, 1), (1, -1))  # (axis of (B, H, W), step): +
 
 
 def _shift(a, axis, step):
-    """`out[p] = a[p + step along axis]`, zero where p + step is outside."""
-    n = a.shape[axis]
-    pad = [(0, 0)] * a.ndim
-    if step > 0:
-        body = jax.lax.slice_in_dim(a, 1, n, axis=axis)
-        pad[axis] = (0, 1)
-    else:
-        body = jax.lax.slice_in_dim(a, 0, n - 1, axis=axis)
-        pad[axis] = (1, 0)
-    return jnp.pad(body, pad)
+  """`out[p] = a[p + step along axis]`, zero where p + step is outside."""
+  n = a.shape[axis]
+  pad = [(0, 0)] * a.ndim
+  if step > 0:
+    body = jax.lax.slice_in_dim(a, 1, n, axis=axis)
+    pad[axis] = (0, 1)
+  else:
+    body = jax.lax.slice_in_dim(a, 0, n - 1, axis=axis)
+    pad[axis] = (1, 0)
+  return jnp.pad(body, pad)
 
 
 def _channel_dot(a, b):
-    """(B, H, W) sum over the channels of a * b, unrolled for few channels."""
-    c = a.shape[-1]
-    if c > _UNROLL_CHANNELS:
-        return jnp.sum(a * b, axis=-1)
-    out = a[..., 0] * b[..., 0]
-    for ch in range(1, c):
-        out = out + a[..., ch] * b[..., ch]
-    return out
+  """(B, H, W) sum over the channels of a * b, unrolled for few channels."""
+  c = a.shape[-1]
+  if c > _UNROLL_CHANNELS:
+    return jnp.sum(a * b, axis=-1)
+  out = a[..., 0] * b[..., 0]
+  for ch in range(1, c):
+    out = out + a[..., ch] * b[..., ch]
+  return out
 
 
 @jax.custom_vjp
-def _blend(image, keep, give):
-    """Blend each outline pixel with a neighbour.
+def _blend(image, weights):
+  """Blend every pixel with its 4 neighbours.
 
-    Args:
-      image: (B, H, W, C).
-      keep: 4 x (B, H, W) per direction d: pixel p moves towards p + d by keep[d][p].
-      give: 4 x (B, H, W) per direction d: pixel p + d moves towards p by give[d][p].
+  Args:
+    image: (B, H, W, C).
+    weights: 4 x (B, H, W), per direction e of `_DIRECTIONS` the weight of the neighbour
+      p + e in pixel p.
 
-    Returns:
-      (B, H, W, C) `image + sum_d keep_d (S_d image - image) + S_-d(give_d (image - S_d image))`
-      with `S_d a [p] = a[p + d]`.
-    """
-    out = image
-    for (axis, step), kd, gd in zip(_DIRECTIONS, keep, give):
-        other = _shift(image, axis, step)
-        out = out + kd[..., None] * (other - image)
-        out = out + _shift(gd[..., None] * (image - other), axis, -step)
-    return out
+  Returns:
+    (B, H, W, C) `image + sum_e W_e (S_e image - image)` with `S_e a [p] = a[p + e]`.
+  """
+  out = image
+  for (axis, step), w in zip(_DIRECTIONS, weights):
+    out = out + w[..., None] * (_shift(image, axis, step) - image)
+  return out
 
 
-def _blend_fwd(image, keep, give):
-    return _once(_blend, image, keep, give), (image, keep, give)
+def _blend_fwd(image, weights):
+  return _blend(image, weights), (image, weights)
 
 
 def _blend_bwd(res, g):
-    image, keep, give = res
-
-    def grads(image, keep, give, g):
-        d_image = g
-        d_keep, d_give = [], []
-        for (axis, step), kd, gd in zip(_DIRECTIONS, keep, give):
-            other = _shift(image, axis, step)
-            g_other = _shift(g, axis, step)
-            d_keep.append(_channel_dot(g, other - image))
-            d_give.append(_channel_dot(g_other, image - other))
-            kg = kd[..., None] * g
-            gg = gd[..., None] * g_other
-            d_image = d_image - kg + _shift(kg, axis, -step) + gg - _shift(gg, axis, -step)
-        return d_image, tuple(d_keep), tuple(d_give)
-
-    return _once(grads, image, keep, give, g)
+  image, weights = res
+  d_image = g
+  d_weights = []
+  for (axis, step), w in zip(_DIRECTIONS, weights):
+    wg = w[..., None] * g
+    d_image = d_image - wg + _shift(wg, axis, -step)
+    d_weights.append(_channel_dot(g, _shift(image, axis, step) - image))
+  return d_image, tuple(d_weights)
 
 
 _blend.defvjp(_blend_fwd, _blend_bwd)
 
 
 def _outline_edges(covered, x, y):
-    """Which triangle edge each outline pixel pair crosses (no gradients).
+  """Which triangle edge each outline pixel pair crosses (no gradients), bit-packed.
 
-    Args:
-      covered: (B, H, W) bool.
-      x, y: 3 x (B, H, W) float32 screen corners of each pixel's visible triangle.
+  Args:
+    covered: (B, H, W) bool.
+    x, y: 3 x (B, H, W) float32 screen corners of each pixel's visible triangle.
 
-    Returns:
-      which: 4 x (B, H, W) int32 per direction of `_DIRECTIONS`: index i of the edge
-        (corner i+1 -> i+2) through which the segment from pixel p to its neighbour leaves p's
-        triangle, when p is covered, the neighbour is not, and the edge belongs to this axis
-        (closer to vertical for horizontal pairs); -1 otherwise.
-      first: 4 x (B, H, W) bool, the crossing is in p's half of the segment (t < 1/2).
-    """
-    _, height, width = covered.shape
-    px, py = _pixel_centres(height, width)
-    edges = _edges_at(x, y, px, py)
-    area = edges[0][2] + edges[1][2] + edges[2][2]
-    sign = jnp.where(area < 0, -1.0, 1.0)
-    inside = jnp.ones_like(covered)
-    which_all, first_all = [], []
-    for axis, step in _DIRECTIONS:
-        horizontal = axis == 2
-        outline = covered & ~_shift(covered, axis, step) & _shift(inside, axis, step)
-        best = jnp.full(area.shape, 2.0, jnp.float32)
-        which = jnp.full(area.shape, -1, jnp.int32)
-        for i, (ex, ey, e) in enumerate(edges):
-            e_p = sign * e  # oriented edge function at p (>= 0 inside)
-            slope = sign * step * (-ey if horizontal else ex)  # its change per step towards q
-            leaves = (e_p + slope < 0) & (slope < 0)
-            t = e_p / jnp.where(leaves, -slope, 1.0)
-            better = leaves & (t < best)
-            best = jnp.where(better, t, best)
-            steep = jnp.abs(ey) >= jnp.abs(ex)
-            which = jnp.where(better, jnp.where(steep == horizontal, i, 3), which)
-        use = outline & (which >= 0) & (which < 3) & (best <= 1.0)
-        which_all.append(jnp.where(use, which, -1))
-        first_all.append(use & (best < 0.5))
-    return tuple(which_all), tuple(first_all)
+  Returns:
+    (B, H, W) int32; bits `3d .. 3d+2` hold a code for direction d of `_DIRECTIONS`:
+    0 = no crossing, else `1 + i + 3 * first` (decoded by `_unpack_edge`). A crossing is
+    recorded when p is covered, its neighbour p + d is not, the segment p -> p + d leaves
+    p's triangle through edge i (corner i+1 -> i+2) and that edge belongs to this axis
+    (closer to vertical for horizontal pairs); `first` means the crossing is in p's half
+    (t < 1/2). One packed output lets XLA compute all directions in a single loop.
+  """
+  _, height, width = covered.shape
+  px, py = _pixel_centres(height, width)
+  edges = _edges_at(x, y, px, py)
+  area = edges[0][2] + edges[1][2] + edges[2][2]
+  sign = jnp.where(area < 0, -1.0, 1.0)
+  inside = jnp.ones_like(covered)
+  packed = jnp.zeros(covered.shape, jnp.int32)
+  for d, (axis, step) in enumerate(_DIRECTIONS):
+    horizontal = axis == 2
+    outline = covered & ~_shift(covered, axis, step) & _shift(inside, axis, step)
+    best = jnp.full(area.shape, 2.0, jnp.float32)
+    which = jnp.full(area.shape, -1, jnp.int32)
+    for i, (ex, ey, e) in enumerate(edges):
+      e_p = sign * e  # oriented edge function at p (>= 0 inside)
+      slope = sign * step * (-ey if horizontal else ex)  # its change per step towards q
+      leaves = (e_p + slope < 0) & (slope < 0)
+      t = e_p / jnp.where(leaves, -slope, 1.0)
+      better = leaves & (t < best)
+      best = jnp.where(better, t, best)
+      steep = jnp.abs(ey) >= jnp.abs(ex)
+      which = jnp.where(better, jnp.where(steep == horizontal, i, 3), which)
+    use = outline & (which >= 0) & (which < 3) & (best <= 1.0)
+    code = jnp.where(use, 1 + which + jnp.where(best < 0.5, 3, 0), 0)  # 0 .. 6
+    packed = packed | (code << (3 * d))
+  return packed
+
+
+def _unpack_edge(packed, d):
+  """(which edge or -1, first) of direction d from `_outline_edges`."""
+  code = (packed >> (3 * d)) & 7
+  which = jnp.where(code == 0, -1, (code - 1) % 3)
+  return which, code >= 4
 
 
 def _outline_weights(triangle_id, screen_vertices, triangles):
-    """Box-filter coverage corrections at the face/background outline.
+  """Box-filter coverage corrections at the face/background outline.
 
-    The crossed edge and which pixel of the pair is partially covered are decided without
-    gradients; only the crossing position along the pair's axis carries gradients, through
-    the two corners of the crossed edge.
+  The crossed edge and which pixel of the pair is partially covered are decided without
+  gradients; only the crossing position along the pair's axis carries gradients, through
+  the two corners of the crossed edge.
 
-    Returns:
-      keep, give: 4 x (B, H, W) float32 per direction of `_DIRECTIONS` (see `_blend`).
-    """
-    _, height, width = triangle_id.shape
-    covered = triangle_id >= 0
-    x, y = _pixel_corners(screen_vertices, triangles, triangle_id, channels=2)
-    which, first = _once(_outline_edges, covered, [jax.lax.stop_gradient(v) for v in x],
-                         [jax.lax.stop_gradient(v) for v in y])
-    px, py = _pixel_centres(height, width)
-    keep, give = [], []
-    for (axis, step), wd, fd in zip(_DIRECTIONS, which, first):
-        use = wd >= 0
-        pick = lambda planes, j: jnp.where(wd == 0, planes[j % 3], jnp.where(
-            wd == 1, planes[(j + 1) % 3], planes[(j + 2) % 3]))
-        xa, ya, xb, yb = pick(x, 1), pick(y, 1), pick(x, 2), pick(y, 2)
-        # Crossing of the chosen edge with the line through the pair's centres, as a fraction
-        # t of the way from p to its neighbour.
-        if axis == 2:
-            d = jnp.where(use, yb - ya, 1.0)
-            t = (xa + (xb - xa) * (py - ya) / d - px) * step
-        else:
-            d = jnp.where(use, xb - xa, 1.0)
-            t = (ya + (yb - ya) * (px - xa) / d - py) * step
-        t = jnp.clip(t, 0.0, 1.0)
-        keep.append(jnp.where(fd, 0.5 - t, 0.0))
-        give.append(jnp.where(use & ~fd, t - 0.5, 0.0))
-    return tuple(keep), tuple(give)
+  For a covered pixel p whose neighbour p + d is not covered, the crossing is at a fraction
+  t of the way: if t < 1/2, p is covered by t + 1/2 only and takes weight 1/2 - t of the
+  neighbour's value ("keep"); otherwise p + d is covered by t - 1/2 and takes that weight of
+  p's value ("give").
+
+  Returns:
+    4 x (B, H, W) float32 per direction e of `_DIRECTIONS`: weight of neighbour p + e in
+    pixel p (see `_blend`).
+  """
+  _, height, width = triangle_id.shape
+  covered = triangle_id >= 0
+  x, y = _pixel_corners(screen_vertices, triangles, triangle_id, channels=2)
+  packed = _once(_outline_edges, covered, [jax.lax.stop_gradient(v) for v in x],
+                 [jax.lax.stop_gradient(v) for v in y])
+  px, py = _pixel_centres(height, width)
+  keep, give = [], []
+  for d, (axis, step) in enumerate(_DIRECTIONS):
+    wd, fd = _unpack_edge(packed, d)
+    use = wd >= 0
+    pick = lambda planes, j: jnp.where(wd == 0, planes[j % 3], jnp.where(
+        wd == 1, planes[(j + 1) % 3], planes[(j + 2) % 3]))
+    xa, ya, xb, yb = pick(x, 1), pick(y, 1), pick(x, 2), pick(y, 2)
+    # Crossing of the chosen edge with the line through the pair's centres, as a fraction
+    # t of the way from p to its neighbour.
+    if axis == 2:
+      d = jnp.where(use, yb - ya, 1.0)
+      t = (xa + (xb - xa) * (py - ya) / d - px) * step
+    else:
+      d = jnp.where(use, xb - xa, 1.0)
+      t = (ya + (yb - ya) * (px - xa) / d - py) * step
+    t = jnp.clip(t, 0.0, 1.0)
+    keep.append(jnp.where(fd, 0.5 - t, 0.0))
+    give.append(jnp.where(use & ~fd, t - 0.5, 0.0))
+  # Weight of neighbour p + e in pixel p: p's own "keep" towards e, plus the "give" of
+  # neighbour p + e in the opposite direction (stored at p + e).
+  weights = []
+  for i, (axis, step) in enumerate(_DIRECTIONS):
+    weights.append(keep[i] + _shift(give[i ^ 1], axis, step))
+  return tuple(weights)
 
 
 def antialias(image, raster: Raster, screen_vertices, triangles):
-    """Analytic antialiasing of the face/background outline (gradients for the silhouette).
+  """Analytic antialiasing of the face/background outline (gradients for the silhouette).
 
-    For every covered pixel p and each of its 4 neighbours q that is not covered, the point
-    where p's triangle boundary leaves the segment p -> q is found analytically, at a fraction
-    t in [0, 1] of the way. With a 1-pixel box filter across the edge, p keeps coverage
-    min(1, t + 1/2) and q gains max(0, t - 1/2); the affected pixel is blended with the other
-    one's value accordingly. Horizontal neighbours handle crossings of edges closer to
-    vertical (|dy| >= |dx|), vertical neighbours the others, so each edge counts once.
+  For every covered pixel p and each of its 4 neighbours q that is not covered, the point
+  where p's triangle boundary leaves the segment p -> q is found analytically, at a fraction
+  t in [0, 1] of the way. With a 1-pixel box filter across the edge, p keeps coverage
+  min(1, t + 1/2) and q gains max(0, t - 1/2); the affected pixel is blended with the other
+  one's value accordingly. Horizontal neighbours handle crossings of edges closer to
+  vertical (|dy| >= |dx|), vertical neighbours the others, so each edge counts once.
 
-    Args:
-      image: (B, H, W, C) float32 image to antialias, e.g. the rendered face composited over a
-        background (`interpolate(...) * mask + background * (1 - mask)`).
-      raster: `Raster` of the same mesh.
-      screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)` used for the raster.
-      triangles: (T, 3) int32.
+  Args:
+    image: (B, H, W, C) float32 image to antialias, e.g. the rendered face composited over a
+      background (`interpolate(...) * mask + background * (1 - mask)`).
+    raster: `Raster` of the same mesh.
+    screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)` used for the raster.
+    triangles: (T, 3) int32.
 
-    Returns:
-      (B, H, W, C) image, equal to `image` away from the outline. Differentiable with respect to
-      `image` and to the x, y of the outline triangles' vertices (occlusion boundaries inside
-      the covered region are not antialiased).
-    """
-    keep, give = _outline_weights(jax.lax.stop_gradient(raster.triangle_id),
-                                  screen_vertices.astype(jnp.float32), triangles)
-    return _blend(image, keep, give)
+  Returns:
+    (B, H, W, C) image, equal to `image` away from the outline. Differentiable with respect to
+    `image` and to the x, y of the outline triangles' vertices (occlusion boundaries inside
+    the covered region are not antialiased).
+  """
+  weights = _once(_outline_weights, jax.lax.stop_gradient(raster.triangle_id),
+                  screen_vertices.astype(jnp.float32), triangles)
+  return _blend(image, weights)
 
 
 def soft_silhouette(raster: Raster, screen_vertices, triangles):
-    """Antialiased coverage in [0, 1] with gradients at the outline.
+  """Antialiased coverage in [0, 1] with gradients at the outline.
 
-    Args:
-      raster: `Raster` of the mesh.
-      screen_vertices: (B, N, 3) float32.
-      triangles: (T, 3) int32.
+  Args:
+    raster: `Raster` of the mesh.
+    screen_vertices: (B, N, 3) float32.
+    triangles: (T, 3) int32.
 
-    Returns:
-      (B, H, W) float32: `raster.mask` antialiased with `antialias`. Its sum changes by the
-      outline's outward motion (pixels) times its length (pixels).
-    """
-    return antialias(raster.mask[..., None], raster, screen_vertices, triangles)[..., 0]
+  Returns:
+    (B, H, W) float32: `raster.mask` antialiased with `antialias`. Its sum changes by the
+    outline's outward motion (pixels) times its length (pixels).
+  """
+  return antialias(raster.mask[..., None], raster, screen_vertices, triangles)[..., 0]

@@ -18,120 +18,120 @@ H, W = 40, 48
 
 def reference_raster(screen_vertices, triangles, height, width, cull=False, near=1e-3,
                      edge_tol=1e-4, tie_tol=1e-5):
-    """Float64 z-buffer at pixel centres.
+  """Float64 z-buffer at pixel centres.
 
-    Coverage: all three edge functions >= 0 (oriented by the triangle's area sign). Visibility:
-    largest perspective-correct 1/depth (1/depth interpolated linearly in screen space), lower
-    triangle id on exact ties.
+  Coverage: all three edge functions >= 0 (oriented by the triangle's area sign). Visibility:
+  largest perspective-correct 1/depth (1/depth interpolated linearly in screen space), lower
+  triangle id on exact ties.
 
-    Returns:
-      ids (B, H, W) int, bary (B, H, W, 3), depth (B, H, W), ambiguous (B, H, W) bool: a
-      covering or nearly covering triangle has the pixel centre within `edge_tol` pixels of
-      an edge, or the two nearest surfaces tie within `tie_tol` relative 1/depth.
-    """
-    sv = np.asarray(screen_vertices, np.float64)
-    b = sv.shape[0]
-    ids = np.full((b, height, width), -1)
-    best = np.zeros((b, height, width))
-    second = np.zeros((b, height, width))
-    bary = np.zeros((b, height, width, 3))
-    ambiguous = np.zeros((b, height, width), bool)
-    px = np.arange(width) + 0.5
-    py = np.arange(height) + 0.5
-    for bi in range(b):
-        for t, corner in enumerate(triangles):
-            x, y, z = sv[bi, corner, 0], sv[bi, corner, 1], sv[bi, corner, 2]
-            if np.any(z <= near):
-                continue
-            area = (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])
-            if area == 0 or (cull and area >= 0):
-                continue
-            j0 = max(int(np.ceil(x.min() - 0.5)) - 1, 0)
-            j1 = min(int(np.floor(x.max() - 0.5)) + 1, width - 1)
-            i0 = max(int(np.ceil(y.min() - 0.5)) - 1, 0)
-            i1 = min(int(np.floor(y.max() - 0.5)) + 1, height - 1)
-            if j1 < j0 or i1 < i0:
-                continue
-            gx, gy = np.meshgrid(px[j0:j1 + 1], py[i0:i1 + 1])
-            e, dist = [], []
-            for i in range(3):
-                xa, ya = x[(i + 1) % 3], y[(i + 1) % 3]
-                ex, ey = x[(i + 2) % 3] - xa, y[(i + 2) % 3] - ya
-                ei = ex * (gy - ya) - ey * (gx - xa)
-                e.append(ei)
-                dist.append(np.abs(ei) / max(np.hypot(ex, ey), 1e-300))
-            lam = np.stack(e, -1) / area
-            inside = np.all(lam >= 0, -1)
-            near_edge = np.any(np.stack(dist, -1) < edge_tol, -1) & np.all(lam > -1e-3, -1)
-            w = (lam / z).sum(-1)
-            sl = np.s_[bi, i0:i1 + 1, j0:j1 + 1]
-            ambiguous[sl] |= near_edge
-            cur_best, cur_second, cur_ids = best[sl], second[sl], ids[sl]
-            win = inside & (w > cur_best)
-            cur_second[:] = np.where(inside & ~win, np.maximum(cur_second, w), cur_second)
-            cur_second[:] = np.where(win, cur_best, cur_second)
-            cur_ids[win] = t
-            cur_best[win] = w[win]
-            bb = bary[sl]
-            bb[win] = (lam / z / w[..., None])[win]
-    depth = np.where(ids >= 0, 1.0 / np.where(best > 0, best, 1.0), 0.0)
-    ambiguous |= (second > 0) & (best - second <= tie_tol * best)
-    return ids, bary, depth, ambiguous
+  Returns:
+    ids (B, H, W) int, bary (B, H, W, 3), depth (B, H, W), ambiguous (B, H, W) bool: a
+    covering or nearly covering triangle has the pixel centre within `edge_tol` pixels of
+    an edge, or the two nearest surfaces tie within `tie_tol` relative 1/depth.
+  """
+  sv = np.asarray(screen_vertices, np.float64)
+  b = sv.shape[0]
+  ids = np.full((b, height, width), -1)
+  best = np.zeros((b, height, width))
+  second = np.zeros((b, height, width))
+  bary = np.zeros((b, height, width, 3))
+  ambiguous = np.zeros((b, height, width), bool)
+  px = np.arange(width) + 0.5
+  py = np.arange(height) + 0.5
+  for bi in range(b):
+    for t, corner in enumerate(triangles):
+      x, y, z = sv[bi, corner, 0], sv[bi, corner, 1], sv[bi, corner, 2]
+      if np.any(z <= near):
+        continue
+      area = (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])
+      if area == 0 or (cull and area >= 0):
+        continue
+      j0 = max(int(np.ceil(x.min() - 0.5)) - 1, 0)
+      j1 = min(int(np.floor(x.max() - 0.5)) + 1, width - 1)
+      i0 = max(int(np.ceil(y.min() - 0.5)) - 1, 0)
+      i1 = min(int(np.floor(y.max() - 0.5)) + 1, height - 1)
+      if j1 < j0 or i1 < i0:
+        continue
+      gx, gy = np.meshgrid(px[j0:j1 + 1], py[i0:i1 + 1])
+      e, dist = [], []
+      for i in range(3):
+        xa, ya = x[(i + 1) % 3], y[(i + 1) % 3]
+        ex, ey = x[(i + 2) % 3] - xa, y[(i + 2) % 3] - ya
+        ei = ex * (gy - ya) - ey * (gx - xa)
+        e.append(ei)
+        dist.append(np.abs(ei) / max(np.hypot(ex, ey), 1e-300))
+      lam = np.stack(e, -1) / area
+      inside = np.all(lam >= 0, -1)
+      near_edge = np.any(np.stack(dist, -1) < edge_tol, -1) & np.all(lam > -1e-3, -1)
+      w = (lam / z).sum(-1)
+      sl = np.s_[bi, i0:i1 + 1, j0:j1 + 1]
+      ambiguous[sl] |= near_edge
+      cur_best, cur_second, cur_ids = best[sl], second[sl], ids[sl]
+      win = inside & (w > cur_best)
+      cur_second[:] = np.where(inside & ~win, np.maximum(cur_second, w), cur_second)
+      cur_second[:] = np.where(win, cur_best, cur_second)
+      cur_ids[win] = t
+      cur_best[win] = w[win]
+      bb = bary[sl]
+      bb[win] = (lam / z / w[..., None])[win]
+  depth = np.where(ids >= 0, 1.0 / np.where(best > 0, best, 1.0), 0.0)
+  ambiguous |= (second > 0) & (best - second <= tie_tol * best)
+  return ids, bary, depth, ambiguous
 
 
 def random_mesh(rng, batch=2, height=H, width=W, layers=3, per_kind=(40, 25, 3)):
-    """Layers of tiny (< 1 px), normal (2-8 px) and huge (tens of px, partly outside)
-    triangles; each layer has its own depth range, so layers never interpenetrate."""
-    vertices, triangles = [], []
-    n = 0
-    for layer in range(layers):
-        depth = 2.0 + 3.0 * layer
-        for kind, count in enumerate(per_kind):
-            size = [(0.2, 1.0), (2.0, 8.0), (25.0, 90.0)][kind][0:2]
-            for _ in range(count):
-                centre = rng.uniform([-4, -4], [width + 4, height + 4])
-                s = rng.uniform(*size)
-                corners = centre + rng.normal(size=(3, 2)) * s
-                z = depth + rng.uniform(0, 0.8, size=(3, 1))
-                vertices.append(np.concatenate([corners, z], 1))
-                triangles.append([n, n + 1, n + 2])
-                n += 3
-    v = np.concatenate(vertices)
-    # Per image a small random shift, so the batch elements differ.
-    sv = np.stack([v + np.array([rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0])
-                   for _ in range(batch)])
-    return sv.astype(np.float32), np.asarray(triangles, np.int32)
+  """Layers of tiny (< 1 px), normal (2-8 px) and huge (tens of px, partly outside)
+  triangles; each layer has its own depth range, so layers never interpenetrate."""
+  vertices, triangles = [], []
+  n = 0
+  for layer in range(layers):
+    depth = 2.0 + 3.0 * layer
+    for kind, count in enumerate(per_kind):
+      size = [(0.2, 1.0), (2.0, 8.0), (25.0, 90.0)][kind][0:2]
+      for _ in range(count):
+        centre = rng.uniform([-4, -4], [width + 4, height + 4])
+        s = rng.uniform(*size)
+        corners = centre + rng.normal(size=(3, 2)) * s
+        z = depth + rng.uniform(0, 0.8, size=(3, 1))
+        vertices.append(np.concatenate([corners, z], 1))
+        triangles.append([n, n + 1, n + 2])
+        n += 3
+  v = np.concatenate(vertices)
+  # Per image a small random shift, so the batch elements differ.
+  sv = np.stack([v + np.array([rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0])
+                 for _ in range(batch)])
+  return sv.astype(np.float32), np.asarray(triangles, np.int32)
 
 
 def pad(sv, tris, vertices=256, triangles=128):
-    """Pad a one-image mesh to a common shape (fewer compilations): extra vertices at the
-    origin, extra triangles (0, 0, 0), which are degenerate and never drawn."""
-    sv = np.asarray(sv, np.float32)
-    tris = np.asarray(tris, np.int32)
-    assert sv.shape[1] <= vertices and len(tris) <= triangles
-    sv = np.concatenate([sv, np.zeros((sv.shape[0], vertices - sv.shape[1], 3), np.float32)], 1)
-    tris = np.concatenate([tris, np.zeros((triangles - len(tris), 3), np.int32)])
-    return sv, tris
+  """Pad a one-image mesh to a common shape (fewer compilations): extra vertices at the
+  origin, extra triangles (0, 0, 0), which are degenerate and never drawn."""
+  sv = np.asarray(sv, np.float32)
+  tris = np.asarray(tris, np.int32)
+  assert sv.shape[1] <= vertices and len(tris) <= triangles
+  sv = np.concatenate([sv, np.zeros((sv.shape[0], vertices - sv.shape[1], 3), np.float32)], 1)
+  tris = np.concatenate([tris, np.zeros((triangles - len(tris), 3), np.int32)])
+  return sv, tris
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "cull"))
 def _raster(sv, tris, image_size=(H, W), cull=False):
-    return R.rasterize(sv, tris, image_size, cull_backfaces=cull)
+  return R.rasterize(sv, tris, image_size, cull_backfaces=cull)
 
 
 def assert_matches_reference(sv, tris, cull=False, max_ambiguous=0.01, height=H, width=W):
-    r = _raster(jnp.asarray(sv), jnp.asarray(tris), (height, width), cull)
-    ids, bary, depth, ambiguous = reference_raster(sv, tris, height, width, cull=cull)
-    got = np.asarray(r.triangle_id)
-    differ = got != ids
-    assert ambiguous.mean() <= max_ambiguous, ambiguous.mean()
-    assert not np.any(differ & ~ambiguous), np.argwhere(differ & ~ambiguous)[:10]
-    same = (got == ids) & (ids >= 0)
-    np.testing.assert_allclose(np.asarray(r.barycentrics)[same], bary[same], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(r.depth)[same], depth[same], rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(r.mask), (got >= 0).astype(np.float32))
-    assert np.all(np.asarray(r.barycentrics)[got < 0] == 0)
-    return r, ids
+  r = _raster(jnp.asarray(sv), jnp.asarray(tris), (height, width), cull)
+  ids, bary, depth, ambiguous = reference_raster(sv, tris, height, width, cull=cull)
+  got = np.asarray(r.triangle_id)
+  differ = got != ids
+  assert ambiguous.mean() <= max_ambiguous, ambiguous.mean()
+  assert not np.any(differ & ~ambiguous), np.argwhere(differ & ~ambiguous)[:10]
+  same = (got == ids) & (ids >= 0)
+  np.testing.assert_allclose(np.asarray(r.barycentrics)[same], bary[same], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(r.depth)[same], depth[same], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(r.mask), (got >= 0).astype(np.float32))
+  assert np.all(np.asarray(r.barycentrics)[got < 0] == 0)
+  return r, ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,135 +140,135 @@ def assert_matches_reference(sv, tris, cull=False, max_ambiguous=0.01, height=H,
 
 @pytest.mark.parametrize("cull", [False, True])
 def test_random_meshes_match_reference(cull):
-    rng = np.random.default_rng(0)
-    sv, tris = random_mesh(rng)
-    r, ids = assert_matches_reference(sv, tris, cull=cull)
-    covered = ids >= 0
-    assert covered.mean() > 0.5  # the test exercises mostly covered images
-    # All three kinds of triangles are visible somewhere.
-    visible = np.unique(ids[covered])
-    kinds = (visible % 68)
-    assert np.any(kinds < 40) and np.any((kinds >= 40) & (kinds < 65)) and np.any(kinds >= 65)
+  rng = np.random.default_rng(0)
+  sv, tris = random_mesh(rng)
+  r, ids = assert_matches_reference(sv, tris, cull=cull)
+  covered = ids >= 0
+  assert covered.mean() > 0.5  # the test exercises mostly covered images
+  # All three kinds of triangles are visible somewhere.
+  visible = np.unique(ids[covered])
+  kinds = (visible % 68)
+  assert np.any(kinds < 40) and np.any((kinds >= 40) & (kinds < 65)) and np.any(kinds >= 65)
 
 
 def test_large_triangle_loop_in_many_small_steps(monkeypatch):
-    # Tiny windows and steps: triangles straddle windows and steps of the while loop.
-    monkeypatch.setattr(R, "_WINDOW", 3)
-    monkeypatch.setattr(R, "_BLOCKS_PER_STEP", 5)
-    rng = np.random.default_rng(1)
-    sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(10, 10, 2)))
-    # Fresh jit (the constants are read at trace time).
-    r = jax.jit(lambda s, t: R.rasterize(s, t, (H, W)))(sv, tris)
-    ids, _, _, ambiguous = reference_raster(sv, tris, H, W)
-    differ = np.asarray(r.triangle_id) != ids
-    assert not np.any(differ & ~ambiguous)
+  # Tiny windows and steps: triangles straddle windows and steps of the while loop.
+  monkeypatch.setattr(R, "_WINDOW", 3)
+  monkeypatch.setattr(R, "_BLOCKS_PER_STEP", 5)
+  rng = np.random.default_rng(1)
+  sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(10, 10, 2)))
+  # Fresh jit (the constants are read at trace time).
+  r = jax.jit(lambda s, t: R.rasterize(s, t, (H, W)))(sv, tris)
+  ids, _, _, ambiguous = reference_raster(sv, tris, H, W)
+  differ = np.asarray(r.triangle_id) != ids
+  assert not np.any(differ & ~ambiguous)
 
 
 def test_overlapping_duplicates_tie_to_lower_id():
-    sv = np.array([[[2, 3, 5], [40, 5, 5], [10, 35, 5]]], np.float32)
-    sv, tris = pad(sv, np.array([[0, 1, 2], [0, 1, 2], [2, 1, 0]], np.int32))
-    r = _raster(sv, tris)
-    got = np.asarray(r.triangle_id)
-    assert np.all(np.isin(got, [-1, 0]))
-    assert (got == 0).sum() > 100
+  sv = np.array([[[2, 3, 5], [40, 5, 5], [10, 35, 5]]], np.float32)
+  sv, tris = pad(sv, np.array([[0, 1, 2], [0, 1, 2], [2, 1, 0]], np.int32))
+  r = _raster(sv, tris)
+  got = np.asarray(r.triangle_id)
+  assert np.all(np.isin(got, [-1, 0]))
+  assert (got == 0).sum() > 100
 
 
 def test_nearer_surface_wins_regardless_of_order():
-    quad = np.array([[0, 0], [W, 0], [W, H], [0, H]], np.float32)
-    far = np.concatenate([quad, np.full((4, 1), 10.0, np.float32)], 1)
-    near_ = np.concatenate([quad * 0.5 + 5, np.full((4, 1), 3.0, np.float32)], 1)
-    sv = np.concatenate([far, near_])[None]
-    sv, tris = pad(sv, np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]], np.int32))
-    got = np.asarray(_raster(sv, tris).triangle_id)[0]
-    assert np.all(got >= 0)  # full-image quad: no holes, also along its diagonal
-    inner = got[8:20, 8:25]
-    assert np.all(np.isin(inner, [2, 3]))
+  quad = np.array([[0, 0], [W, 0], [W, H], [0, H]], np.float32)
+  far = np.concatenate([quad, np.full((4, 1), 10.0, np.float32)], 1)
+  near_ = np.concatenate([quad * 0.5 + 5, np.full((4, 1), 3.0, np.float32)], 1)
+  sv = np.concatenate([far, near_])[None]
+  sv, tris = pad(sv, np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]], np.int32))
+  got = np.asarray(_raster(sv, tris).triangle_id)[0]
+  assert np.all(got >= 0)  # full-image quad: no holes, also along its diagonal
+  inner = got[8:20, 8:25]
+  assert np.all(np.isin(inner, [2, 3]))
 
 
 def test_half_image_triangle_has_no_holes():
-    # One triangle covering the lower-left half of the image (and beyond it).
-    sv = np.array([[[-0.25, -0.25, 4.0], [-0.25, H + 0.25, 4.0], [W + 0.25, H + 0.25, 4.0]]],
-                  np.float32)
-    sv, tris = pad(sv, np.array([[0, 1, 2]], np.int32))
-    r, ids = assert_matches_reference(sv, tris, max_ambiguous=0.05)
-    got = np.asarray(r.triangle_id)[0]
-    jj, ii = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
-    # Pixel centres clearly below the diagonal are all covered.
-    below = (ii + 0.25) / (H + 0.5) > (jj + 0.25) / (W + 0.5) + 1e-3
-    assert np.all(got[below] == 0)
-    assert (got == 0).sum() > 0.45 * H * W
+  # One triangle covering the lower-left half of the image (and beyond it).
+  sv = np.array([[[-0.25, -0.25, 4.0], [-0.25, H + 0.25, 4.0], [W + 0.25, H + 0.25, 4.0]]],
+                np.float32)
+  sv, tris = pad(sv, np.array([[0, 1, 2]], np.int32))
+  r, ids = assert_matches_reference(sv, tris, max_ambiguous=0.05)
+  got = np.asarray(r.triangle_id)[0]
+  jj, ii = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+  # Pixel centres clearly below the diagonal are all covered.
+  below = (ii + 0.25) / (H + 0.5) > (jj + 0.25) / (W + 0.5) + 1e-3
+  assert np.all(got[below] == 0)
+  assert (got == 0).sum() > 0.45 * H * W
 
 
 def test_huge_triangle_far_outside_the_image():
-    sv = np.array([[[-3000, -2000, 2.0], [4000, -10, 2.0], [20, 5000, 2.0]]], np.float32)
-    r = _raster(*pad(sv, np.array([[0, 1, 2]], np.int32)))
-    assert np.all(np.asarray(r.triangle_id) == 0)
+  sv = np.array([[[-3000, -2000, 2.0], [4000, -10, 2.0], [20, 5000, 2.0]]], np.float32)
+  r = _raster(*pad(sv, np.array([[0, 1, 2]], np.int32)))
+  assert np.all(np.asarray(r.triangle_id) == 0)
 
 
 def test_empty_image():
-    rng = np.random.default_rng(2)
-    sv, tris = pad(*random_mesh(rng, batch=1, layers=1))
-    sv[..., 0] += 500.0  # everything right of the image
-    r = _raster(sv, tris)
-    assert np.all(np.asarray(r.triangle_id) == -1)
-    assert np.all(np.asarray(r.mask) == 0)
-    colours = jnp.ones((1, sv.shape[1], 3))
-    assert np.all(np.asarray(R.interpolate(colours, r, tris)) == 0)
-    assert np.all(np.asarray(R.soft_silhouette(r, sv, tris)) == 0)
+  rng = np.random.default_rng(2)
+  sv, tris = pad(*random_mesh(rng, batch=1, layers=1))
+  sv[..., 0] += 500.0  # everything right of the image
+  r = _raster(sv, tris)
+  assert np.all(np.asarray(r.triangle_id) == -1)
+  assert np.all(np.asarray(r.mask) == 0)
+  colours = jnp.ones((1, sv.shape[1], 3))
+  assert np.all(np.asarray(R.interpolate(colours, r, tris)) == 0)
+  assert np.all(np.asarray(R.soft_silhouette(r, sv, tris)) == 0)
 
 
 def test_degenerate_triangles_are_never_drawn():
-    sv = np.array([[[5, 5, 3], [30, 8, 3], [12, 30, 3],
-                    [1, 1, 2], [40, 30, 2], [20.5, 15.5, 2],  # collinear points
-                    [0, 0, 2], [45, 38, 2]]], np.float32)
-    sv, tris = pad(sv, np.array([[0, 1, 2], [3, 4, 5], [6, 7, 7], [4, 4, 4], [6, 7, 6]],
-                                np.int32))
-    r, ids = assert_matches_reference(sv, tris)
-    got = np.asarray(r.triangle_id)
-    assert set(np.unique(got)) == {-1, 0}
+  sv = np.array([[[5, 5, 3], [30, 8, 3], [12, 30, 3],
+                  [1, 1, 2], [40, 30, 2], [20.5, 15.5, 2],  # collinear points
+                  [0, 0, 2], [45, 38, 2]]], np.float32)
+  sv, tris = pad(sv, np.array([[0, 1, 2], [3, 4, 5], [6, 7, 7], [4, 4, 4], [6, 7, 6]],
+                              np.int32))
+  r, ids = assert_matches_reference(sv, tris)
+  got = np.asarray(r.triangle_id)
+  assert set(np.unique(got)) == {-1, 0}
 
 
 def test_triangles_behind_the_camera_are_dropped():
-    sv = np.array([[[5, 5, 3], [30, 8, 3], [12, 30, 3],
-                    [0, 0, 1], [47, 0, 1], [0, 39, -1],     # one vertex behind
-                    [0, 0, -2], [47, 0, -2], [47, 39, -2],  # all behind
-                    [0, 0, 1], [47, 39, 1e-4], [0, 39, 1]]],  # one at the near plane
-                  np.float32)
-    sv, tris = pad(sv, np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]], np.int32))
-    r = _raster(sv, tris)
-    got = np.asarray(r.triangle_id)
-    assert set(np.unique(got)) == {-1, 0}
-    assert_matches_reference(sv, tris)
+  sv = np.array([[[5, 5, 3], [30, 8, 3], [12, 30, 3],
+                  [0, 0, 1], [47, 0, 1], [0, 39, -1],     # one vertex behind
+                  [0, 0, -2], [47, 0, -2], [47, 39, -2],  # all behind
+                  [0, 0, 1], [47, 39, 1e-4], [0, 39, 1]]],  # one at the near plane
+                np.float32)
+  sv, tris = pad(sv, np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]], np.int32))
+  r = _raster(sv, tris)
+  got = np.asarray(r.triangle_id)
+  assert set(np.unique(got)) == {-1, 0}
+  assert_matches_reference(sv, tris)
 
 
 def test_backface_culling_follows_screen_winding():
-    # Counter-clockwise in a y-up view = clockwise on screen (y down) = negative screen area.
-    front = np.array([[10, 30, 3], [30, 30, 3], [20, 10, 3]], np.float32)  # y-up CCW
-    area = ((front[1, 0] - front[0, 0]) * (front[2, 1] - front[0, 1])
-            - (front[2, 0] - front[0, 0]) * (front[1, 1] - front[0, 1]))
-    assert area < 0
-    sv, tri_front = pad(front[None], np.array([[0, 1, 2]], np.int32))
-    _, tri_back = pad(front[None], np.array([[0, 2, 1]], np.int32))
-    assert np.any(np.asarray(_raster(sv, tri_front, cull=True).triangle_id) == 0)
-    assert np.all(np.asarray(_raster(sv, tri_back, cull=True).triangle_id) == -1)
-    assert np.any(np.asarray(_raster(sv, tri_back, cull=False).triangle_id) == 0)
+  # Counter-clockwise in a y-up view = clockwise on screen (y down) = negative screen area.
+  front = np.array([[10, 30, 3], [30, 30, 3], [20, 10, 3]], np.float32)  # y-up CCW
+  area = ((front[1, 0] - front[0, 0]) * (front[2, 1] - front[0, 1])
+          - (front[2, 0] - front[0, 0]) * (front[1, 1] - front[0, 1]))
+  assert area < 0
+  sv, tri_front = pad(front[None], np.array([[0, 1, 2]], np.int32))
+  _, tri_back = pad(front[None], np.array([[0, 2, 1]], np.int32))
+  assert np.any(np.asarray(_raster(sv, tri_front, cull=True).triangle_id) == 0)
+  assert np.all(np.asarray(_raster(sv, tri_back, cull=True).triangle_id) == -1)
+  assert np.any(np.asarray(_raster(sv, tri_back, cull=False).triangle_id) == 0)
 
 
 def test_interpolated_depth_equals_raster_depth_and_vertex_ids():
-    rng = np.random.default_rng(3)
-    sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(10, 10, 2)))
-    r = _raster(sv, tris)
-    z = R.interpolate(jnp.asarray(sv[..., 2:]), r, tris)[..., 0]
-    np.testing.assert_allclose(np.asarray(z), np.asarray(r.depth), rtol=1e-5)
-    # One-hot vertex ids: the three corners of the visible triangle carry the barycentrics.
-    n = sv.shape[1]
-    ids = np.asarray(r.triangle_id)[0]
-    i, j = np.argwhere(ids >= 0)[7]
-    onehot = jnp.eye(n)[None, :, :]
-    values = np.asarray(R.interpolate(onehot, r, tris))[0, i, j]
-    expect = np.zeros(n)
-    expect[tris[ids[i, j]]] += np.asarray(r.barycentrics)[0, i, j]
-    np.testing.assert_allclose(values, expect, atol=1e-6)
+  rng = np.random.default_rng(3)
+  sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(10, 10, 2)))
+  r = _raster(sv, tris)
+  z = R.interpolate(jnp.asarray(sv[..., 2:]), r, tris)[..., 0]
+  np.testing.assert_allclose(np.asarray(z), np.asarray(r.depth), rtol=1e-5)
+  # One-hot vertex ids: the three corners of the visible triangle carry the barycentrics.
+  n = sv.shape[1]
+  ids = np.asarray(r.triangle_id)[0]
+  i, j = np.argwhere(ids >= 0)[7]
+  onehot = jnp.eye(n)[None, :, :]
+  values = np.asarray(R.interpolate(onehot, r, tris))[0, i, j]
+  expect = np.zeros(n)
+  expect[tris[ids[i, j]]] += np.asarray(r.barycentrics)[0, i, j]
+  np.testing.assert_allclose(values, expect, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,73 +276,73 @@ def test_interpolated_depth_equals_raster_depth_and_vertex_ids():
 # ----------------------------------------------------------------------------------------------
 
 def test_gradients_match_finite_differences():
-    rng = np.random.default_rng(4)
-    # A perspective-looking patch: a grid of normal-size triangles with varying depth.
-    gx, gy = np.meshgrid(np.linspace(4, 44, 6), np.linspace(4, 36, 5))
-    xy = np.stack([gx.ravel(), gy.ravel()], 1) + rng.normal(0, 0.7, (30, 2))
-    z = 3 + 0.05 * xy[:, :1] + rng.uniform(0, 0.5, (30, 1))
-    sv = np.concatenate([xy, z], 1)[None].astype(np.float32)
-    tris = []
-    for r_ in range(4):
-        for c in range(5):
-            a = r_ * 6 + c
-            tris += [[a, a + 1, a + 7], [a, a + 7, a + 6]]
-    tris = np.asarray(tris, np.int32)
-    colours = rng.uniform(size=(1, 30, 3)).astype(np.float32)
-    weights = rng.normal(size=(1, H, W, 3)).astype(np.float32)
-    ids = R.visible_triangles(sv, tris, (H, W))
+  rng = np.random.default_rng(4)
+  # A perspective-looking patch: a grid of normal-size triangles with varying depth.
+  gx, gy = np.meshgrid(np.linspace(4, 44, 6), np.linspace(4, 36, 5))
+  xy = np.stack([gx.ravel(), gy.ravel()], 1) + rng.normal(0, 0.7, (30, 2))
+  z = 3 + 0.05 * xy[:, :1] + rng.uniform(0, 0.5, (30, 1))
+  sv = np.concatenate([xy, z], 1)[None].astype(np.float32)
+  tris = []
+  for r_ in range(4):
+    for c in range(5):
+      a = r_ * 6 + c
+      tris += [[a, a + 1, a + 7], [a, a + 7, a + 6]]
+  tris = np.asarray(tris, np.int32)
+  colours = rng.uniform(size=(1, 30, 3)).astype(np.float32)
+  weights = rng.normal(size=(1, H, W, 3)).astype(np.float32)
+  ids = R.visible_triangles(sv, tris, (H, W))
 
-    @jax.jit
-    def loss(s, c):
-        bary, depth = R.barycentrics(s, tris, ids)
-        raster = R.Raster(ids, bary, depth, (ids >= 0).astype(jnp.float32))
-        img = R.interpolate(c, raster, tris)
-        return jnp.sum(img * weights) + 0.1 * jnp.sum(depth * weights[..., 0])
+  @jax.jit
+  def loss(s, c):
+    bary, depth = R.barycentrics(s, tris, ids)
+    raster = R.Raster(ids, bary, depth, (ids >= 0).astype(jnp.float32))
+    img = R.interpolate(c, raster, tris)
+    return jnp.sum(img * weights) + 0.1 * jnp.sum(depth * weights[..., 0])
 
-    g_sv, g_col = jax.grad(loss, (0, 1))(sv, colours)
-    eps = np.float32(1e-2)
-    for v in [0, 7, 14, 22]:
-        for c in range(3):
-            d = np.zeros_like(sv)
-            d[0, v, c] = eps
-            fd = (loss(sv + d, colours) - loss(sv - d, colours)) / (2 * eps)
-            np.testing.assert_allclose(g_sv[0, v, c], fd, rtol=2e-2, atol=2e-2)
-    for v in [3, 15]:
-        d = np.zeros_like(colours)
-        d[0, v, 1] = 1.0
-        fd = (loss(sv, colours + d) - loss(sv, colours - d)) / 2
-        np.testing.assert_allclose(g_col[0, v, 1], fd, rtol=1e-4, atol=1e-3)
-    assert np.abs(np.asarray(g_sv)[..., 2]).max() > 0  # depth gets gradients too
+  g_sv, g_col = jax.grad(loss, (0, 1))(sv, colours)
+  eps = np.float32(1e-2)
+  for v in [0, 7, 14, 22]:
+    for c in range(3):
+      d = np.zeros_like(sv)
+      d[0, v, c] = eps
+      fd = (loss(sv + d, colours) - loss(sv - d, colours)) / (2 * eps)
+      np.testing.assert_allclose(g_sv[0, v, c], fd, rtol=2e-2, atol=2e-2)
+  for v in [3, 15]:
+    d = np.zeros_like(colours)
+    d[0, v, 1] = 1.0
+    fd = (loss(sv, colours + d) - loss(sv, colours - d)) / 2
+    np.testing.assert_allclose(g_col[0, v, 1], fd, rtol=1e-4, atol=1e-3)
+  assert np.abs(np.asarray(g_sv)[..., 2]).max() > 0  # depth gets gradients too
 
 
 def _square(offset_x=0.0):
-    """A 16 x 12 px square (two triangles) whose right edge is at x = 30.3 + offset_x."""
-    sv = np.array([[[14.3, 10.2, 3], [30.3 + offset_x, 10.2, 3], [30.3 + offset_x, 22.2, 3],
-                    [14.3, 22.2, 3]]], np.float32)
-    return pad(sv, np.array([[0, 2, 1], [0, 3, 2]], np.int32))
+  """A 16 x 12 px square (two triangles) whose right edge is at x = 30.3 + offset_x."""
+  sv = np.array([[[14.3, 10.2, 3], [30.3 + offset_x, 10.2, 3], [30.3 + offset_x, 22.2, 3],
+                  [14.3, 22.2, 3]]], np.float32)
+  return pad(sv, np.array([[0, 2, 1], [0, 3, 2]], np.int32))
 
 
 def test_soft_silhouette_tracks_the_outline():
-    sv, tris = _square()
+  sv, tris = _square()
 
-    # The raster (visibility) is not differentiable: compute it outside the gradient.
-    coverage = jax.jit(lambda s, r: jnp.sum(R.soft_silhouette(r, s, tris)))
-    raster = _raster(sv, tris)
+  # The raster (visibility) is not differentiable: compute it outside the gradient.
+  coverage = jax.jit(lambda s, r: jnp.sum(R.soft_silhouette(r, s, tris)))
+  raster = _raster(sv, tris)
 
-    # Soft coverage is close to the true area (16 x 12 = 192 px).
-    assert abs(float(coverage(sv, raster)) - 192.0) < 1.0  # corner pixels are not box-filtered
-    grad = np.asarray(jax.jit(jax.grad(coverage))(sv, raster))
-    # Moving the right edge outward by d adds d * 12 px of area.
-    right = grad[0, [1, 2], 0].sum()
-    left = grad[0, [0, 3], 0].sum()
-    assert 10.0 < right < 14.0 and -14.0 < left < -10.0
-    d = 0.1  # no pixel centre crosses the edge
-    moved, _ = _square(d)
-    fd = (float(coverage(moved, _raster(moved, tris))) - float(coverage(sv, raster))) / d
-    assert fd > 0
-    np.testing.assert_allclose(right, fd, rtol=0.05)
-    # Moving the bottom edge down adds 16 px of area per pixel.
-    np.testing.assert_allclose(grad[0, [2, 3], 1].sum(), 16.0, rtol=0.15)
-    # Only x, y of the outline corners get gradients, never depth or padding vertices.
-    assert np.all(np.isfinite(grad))
-    assert np.all(grad[..., 2] == 0) and np.all(grad[0, 4:] == 0)
+  # Soft coverage is close to the true area (16 x 12 = 192 px).
+  assert abs(float(coverage(sv, raster)) - 192.0) < 1.0  # corner pixels are not box-filtered
+  grad = np.asarray(jax.jit(jax.grad(coverage))(sv, raster))
+  # Moving the right edge outward by d adds d * 12 px of area.
+  right = grad[0, [1, 2], 0].sum()
+  left = grad[0, [0, 3], 0].sum()
+  assert 10.0 < right < 14.0 and -14.0 < left < -10.0
+  d = 0.1  # no pixel centre crosses the edge
+  moved, _ = _square(d)
+  fd = (float(coverage(moved, _raster(moved, tris))) - float(coverage(sv, raster))) / d
+  assert fd > 0
+  np.testing.assert_allclose(right, fd, rtol=0.05)
+  # Moving the bottom edge down adds 16 px of area per pixel.
+  np.testing.assert_allclose(grad[0, [2, 3], 1].sum(), 16.0, rtol=0.15)
+  # Only x, y of the outline corners get gradients, never depth or padding vertices.
+  assert np.all(np.isfinite(grad))
+  assert np.all(grad[..., 2] == 0) and np.all(grad[0, 4:] == 0)
