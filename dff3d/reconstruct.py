@@ -67,7 +67,8 @@ def grey_render(model: mm.MorphableModel, c: coeffs_lib.Coefficients, size: int)
 
 def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig,
                       batch_size: int = 8, regressor: Optional[Callable] = None,
-                      on_batch: Optional[Callable[[int], None]] = None) -> List[FaceResult]:
+                      on_batch: Optional[Callable[[int], None]] = None,
+                      dff_fn: Optional[Callable] = None) -> List[FaceResult]:
   """Reconstruct faces given as (image (H, W, 3) float32, landmarks (68, 2)) pairs.
 
   Args:
@@ -76,6 +77,8 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
     regressor: optional crops -> Coefficients (e.g. train.load_regressor); then the
       photometric stage refines its output for config.photo_steps steps.
     on_batch: called with the number of faces finished after each batch (progress).
+    dff_fn: optional frozen DFF (images -> unit descriptors): adds L_dff to the photometric
+      stage (models.dff.load_frozen_dff).
   Returns:
     FaceResult per input face, in order.
   """
@@ -95,9 +98,9 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
     if regressor is not None:
       c = regressor(jnp.asarray(x))
       if config.photo_steps > 0:
-        c = fitting.fit_photometric(model, c, x, t, config)
+        c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
     else:
-      c = fitting.fit(model, x, t, config)
+      c = fitting.fit(model, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)
     screen_lm = np.asarray(r.screen_vertices[:, model.landmarks])
     for row, i in enumerate(idx):

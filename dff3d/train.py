@@ -318,8 +318,10 @@ def config_from_json(text: str) -> TrainConfig:
 
 @functools.lru_cache(maxsize=4)
 def _frozen_dff(path):
-  """One frozen DFF function per file, so jitted steps that close over it are reused."""
-  return dff_lib.load_frozen_dff(path)
+  """One frozen DFF function per file, so jitted steps that close over it are reused; the
+  shipped network runs at its native 96 px (dff_lib.SHIPPED_NATIVE_SIZE)."""
+  shipped = os.path.abspath(path) == os.path.abspath(os.path.join(mm.ASSET_DIR, "dff.npz"))
+  return dff_lib.load_frozen_dff(path, dff_lib.SHIPPED_NATIVE_SIZE if shipped else None)
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -398,6 +400,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
   step = start_step = int(state.step)
   t0 = last_t = time.time()
   last_step = step
+  if step == 0 and config.eval_every_steps:  # the untrained network's figure, for the curve
+    _log(metrics_path, {"step": 0, "epoch": 0,
+                        "val_nme": evaluate_nme(lambda im: pred_fn(state.params, im), val_pipe)})
   with _StopRequest() as stop:
     while step < total_steps and not stop.requested:
       on = jnp.float32(epoch >= config.land_error_start_epoch)

@@ -20,6 +20,8 @@ shaded vertex colours. Unreadable images and images without a face are reported 
 each and in DIR/failures.json; the run goes on.
 """
 
+import os
+
 from absl import app, flags
 
 from dff3d import fitting
@@ -37,6 +39,8 @@ _CONTOUR = flags.DEFINE_enum("contour", "silhouette", ["silhouette", "fixed"],
                              "fixed vertices (landmarks that are projected 3D points).")
 _UPSAMPLE = flags.DEFINE_integer("detector_upsample", 1, "dlib upsampling for small faces.")
 _MIN_SCORE = flags.DEFINE_float("min_score", 0.3, "Drop detections with a lower dlib score.")
+_USE_DFF = flags.DEFINE_bool("use_dff", False, "Add the DFF loss (shipped network) to the "
+                             "photometric stage; slower (see BUILD_NOTES).")
 
 
 def main(argv):
@@ -48,8 +52,12 @@ def main(argv):
     raise app.UsageError(f"{_INPUT.value}: no image files found")
   config = fitting.FitConfig(image_size=_SIZE.value, photo_steps=_PHOTO_STEPS.value,
                              contour=_CONTOUR.value)
+  dff_fn = None
+  if _USE_DFF.value:
+    from dff3d.models import dff
+    dff_fn = dff.load_frozen_dff(os.path.join(mm.ASSET_DIR, "dff.npz"), dff.SHIPPED_NATIVE_SIZE)
   images, failures = run(inputs, _OUTPUT_DIR.value, mm.default_model(), config, _BATCH.value,
-                         _CHECKPOINT.value, _UPSAMPLE.value, _MIN_SCORE.value)
+                         _CHECKPOINT.value, _UPSAMPLE.value, _MIN_SCORE.value, dff_fn)
   faces = sum(len(v[2]) for v in images.values())
   print(f"{faces} face(s) from {len(images)} image(s) written to {_OUTPUT_DIR.value}; "
         f"{len(failures)} failure(s)")

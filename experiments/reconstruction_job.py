@@ -109,7 +109,8 @@ def write_face(out_dir, stem, k, model, image, box, face):
           "mesh": name + ".obj", "overlay": name + ".png", "coefficients": name + ".npz"}
 
 
-def run(inputs, out_dir, model, config, batch_size, checkpoint=None, upsample=1, min_score=0.0):
+def run(inputs, out_dir, model, config, batch_size, checkpoint=None, upsample=1, min_score=0.0,
+        dff_fn=None):
   """Run the job over input specs; returns (faces written per image, failures)."""
   os.makedirs(out_dir, exist_ok=True)
   failures, faces, owners = [], [], []
@@ -136,7 +137,7 @@ def run(inputs, out_dir, model, config, batch_size, checkpoint=None, upsample=1,
     regressor = train.load_regressor(checkpoint, model)
   progress = Progress(len(faces))
   results = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor,
-                                             on_batch=progress.step)
+                                             on_batch=progress.step, dff_fn=dff_fn)
   for (spec, k, box), face in zip(owners, results):
     stem, image, recs = records[spec]
     recs.append(write_face(out_dir, stem, k, model, image, box, face))

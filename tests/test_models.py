@@ -299,3 +299,14 @@ def test_sample_descriptors_gradient_spreads_bilinear_weights():
   expected = np.zeros((1, 3, 3, 2))
   expected[0, 1, 0] = expected[0, 1, 1] = 0.5
   np.testing.assert_allclose(g, expected, atol=1e-7)
+
+
+def test_frozen_dff_native_size_keeps_the_input_grid(tmp_path):
+  net = dff.DFFNet(width=4, levels=2, descriptor_dim=8)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  path = tmp_path / "tiny.npz"
+  dff.save_dff_params(path, params, net)
+  fn = dff.load_frozen_dff(path, native_size=16)
+  out = fn(jnp.full((2, 40, 40, 3), 0.5))
+  assert out.shape == (2, 40, 40, 8)
+  np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), 1.0, atol=1e-4)
