@@ -30,7 +30,7 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Override the configs' batch s
 def dff_for(config):
   path = config.dff_path or os.path.join(mm.ASSET_DIR, "dff.npz")
   if os.path.isfile(path):
-    return dff_lib.load_frozen_dff(path), "shipped"
+    return train._frozen_dff(path), "shipped"  # pylint: disable=protected-access
   net = dff_lib.DFFNet()
   params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   return (lambda im: dff_lib.frozen_apply(net, params, im)), "untrained-default"

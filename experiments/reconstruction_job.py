@@ -135,6 +135,7 @@ def run(inputs, out_dir, model, config, batch_size, checkpoint=None, upsample=1,
   if checkpoint:
     from dff3d import train  # the regressor side, only when a checkpoint is given
     regressor = train.load_regressor(checkpoint, model)
+    config = config.replace(image_size=regressor.image_size)  # crops the network was trained on
   progress = Progress(len(faces))
   results = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor,
                                              on_batch=progress.step, dff_fn=dff_fn)
