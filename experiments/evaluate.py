@@ -13,6 +13,9 @@ alignment; the figure issue #7 asks for).
 NME: 68 points, x and y, divided by sqrt(w h) of the ground-truth box; groups by |yaw| from
 Pose_Para; "mean" is the mean of the group means, on all images and on a seeded balanced
 subset; 3D: similarity-aligned (Umeyama) 3D landmark error normalised by the same box.
+With --dense_gt (users who hold dense ground-truth meshes), "nme_3d_dense": the predicted mesh
+ICP-aligned (rigid + scale, started from the 68-landmark similarity fit) to each ground-truth
+cloud, mean point distance normalised by the 68-point box.
 AFLW-LFPA: NME over the visible of its 34 points; it needs --lfpa_vertices, a .npy of the 34
 model vertex ids (the 34-point scheme has no established mapping to the ICT model).
 """
@@ -45,6 +48,8 @@ _PHOTO = flags.DEFINE_integer("photo_steps", 40, "Photometric steps (0 with a ch
                               "pure regression).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the balanced subset.")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
+_DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) ground-truth "
+                                "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
 
 
 def closest_detection(image, gt_points):
@@ -106,15 +111,41 @@ def table(results):
   return "\n".join([head, row, paper])
 
 
+def dense_nme(model, out, kept, paths, dense_dir, image_size):
+  """Per-image dense 3D NME against <stem>.npy clouds (images without one are skipped)."""
+  preds, gts, inits, norms = [], [], [], []
+  all_ids = np.arange(model.num_vertices)
+  for face, lab, path in zip(out, kept, paths):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    gt_path = os.path.join(dense_dir, stem + ".npy")
+    if not os.path.isfile(gt_path):
+      continue
+    gt = np.load(gt_path).astype(np.float64)
+    if gt.ndim != 2 or gt.shape[1] != 3:
+      raise ValueError(f"{gt_path}: expected (P, 3) vertices, got shape {gt.shape}")
+    c = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], face.coefficients)
+    _, screen, _ = render_lib.camera_vertices(model, c, (image_size, image_size))
+    verts = reconstruction.landmarks_to_photo(np.asarray(screen[0])[all_ids], face.crop_affine,
+                                              image_size)
+    fit = metrics.similarity_align(face.landmarks_3d, lab["gt_3d"])
+    preds.append(verts)
+    gts.append(gt)
+    inits.append((fit.scale, fit.rotation, fit.translation))
+    norms.append(float(metrics.bbox_size(lab["gt_3d"][None])[0]))
+  if not preds:
+    return None
+  return float(np.mean(metrics.nme_3d_dense(preds, gts, norm=np.asarray(norms), init=inits)))
+
+
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
-             landmarks="detector", seed=0, lfpa_vertices=None):
+             landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None):
   """Figures dict (see module doc) for a dataset folder."""
   if dataset == "aflw_lfpa":
     if not lfpa_vertices:
       raise ValueError("AFLW-LFPA needs --lfpa_vertices (a .npy of 34 model vertex ids)")
     lfpa_vertices = load_lfpa_vertices(lfpa_vertices, model)
   items = load_items(dataset, data_dir)
-  faces, kept, failures = [], [], []
+  faces, kept, kept_paths, failures = [], [], [], []
   for path, lab in items:
     try:
       image = io.read_image(path)
@@ -133,6 +164,7 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
       continue
     faces.append((image, pts))
     kept.append(lab)
+    kept_paths.append(path)
   regressor = None
   if checkpoint:
     from dff3d import train
@@ -155,6 +187,9 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     pred3 = np.stack([f.landmarks_3d for f in out]) if out else np.zeros((0, 68, 3))
     gt3 = np.stack([lab["gt_3d"] for lab in kept]) if kept else np.zeros((0, 68, 3))
     result["nme_3d"] = float(np.mean(metrics.nme_3d(pred3, gt3))) if len(pred3) else None
+    if dense_gt:
+      result["nme_3d_dense"] = dense_nme(model, out, kept, kept_paths, dense_gt,
+                                         config.image_size)
   else:
     pred = np.stack([vertices_in_photo(model, f, lfpa_vertices, config.image_size)
                      for f in out]) if out else np.zeros((0, 34, 2))
@@ -175,7 +210,7 @@ def main(argv):
   try:
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
-                      _LFPA_VERTICES.value)
+                      _LFPA_VERTICES.value, _DENSE_GT.value)
   except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":
