@@ -14,9 +14,8 @@ import functools
 import json
 import os
 import signal
-import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax

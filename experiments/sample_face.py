@@ -10,10 +10,8 @@ import os
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dff3d import coefficients as coeffs_lib
 from dff3d import io
 from dff3d import morphable_model as mm
 from dff3d import shading

@@ -20,7 +20,6 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def sources():
-  cfg = tiny_config()
   return (train.synthetic_pool(16, 40, seed=0, chunk=16),
           train.synthetic_pool(8, 40, seed=1, chunk=8))
 
