@@ -293,6 +293,14 @@ def _sibling(path, name):
 
 
 # ---- loaders --------------------------------------------------------------------------------
+def _xyz_vector(path, key, value):
+  """A (3N,) float vector of interleaved x, y, z, or a one-line error naming the file."""
+  vec = _real(path, key, value)
+  if vec.size == 0 or vec.size % 3:
+    raise _fail(path, f"'{key}' has {vec.size} entries, expected 3N")
+  return _vector(path, key, vec)
+
+
 def load_bfm2009(model_mat, exp_pca_bin, exp_idx_mat=None, front_idx_mat=None,
                  std_exp_txt=None, landmarks=None, landmarks_mat=None, num_identity=80,
                  num_albedo=80, num_expression=64, include_expression_mean=False,
@@ -335,10 +343,7 @@ def load_bfm2009(model_mat, exp_pca_bin, exp_idx_mat=None, front_idx_mat=None,
   model_mat = os.fspath(model_mat)
   keys = ("shapeMU", "shapePC", "shapeEV", "texMU", "texPC", "texEV", "tl")
   raw = _load_mat(model_mat, "BFM 2009 model (01_MorphableModel.mat)", keys)
-  shape_mu = _real(model_mat, "shapeMU", raw["shapeMU"])
-  if shape_mu.size == 0 or shape_mu.size % 3:
-    raise _fail(model_mat, f"'shapeMU' has {shape_mu.size} entries, expected 3N")
-  shape_mu = _vector(model_mat, "shapeMU", shape_mu)
+  shape_mu = _xyz_vector(model_mat, "shapeMU", raw["shapeMU"])
   n3 = shape_mu.size
   n = n3 // 3
   shape_pc = _matrix(model_mat, "shapePC", raw["shapePC"], n3, num_identity)
@@ -450,10 +455,7 @@ def load_bfm_front(path, num_identity=80, num_albedo=80, num_expression=64, land
   if landmarks is None:
     keys.append("keypoints")
   data = _load_mat(path, "BFM front model (BFM_model_front.mat)", keys)
-  mean = _real(path, "meanshape", data["meanshape"])
-  if mean.size == 0 or mean.size % 3:
-    raise _fail(path, f"'meanshape' has {mean.size} entries, expected 3N")
-  mean = _vector(path, "meanshape", mean)
+  mean = _xyz_vector(path, "meanshape", data["meanshape"])
   n3 = mean.size
   n = n3 // 3
   id_base = _matrix(path, "idBase", data["idBase"], n3, num_identity)
