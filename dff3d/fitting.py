@@ -163,18 +163,8 @@ def predicted_landmarks(problem: LandmarkProblem, c: coeffs_lib.Coefficients, im
   return out
 
 
-def _masked_update(params, updates, trainable):
-  return jax.tree_util.tree_map(lambda p, u, t: p + u * t, params, updates, trainable)
-
-
 def _to_coefficients(x0, u):
   return x0.replace(**{k: getattr(x0, k) + FIELD_SCALES[k] * u[k] for k in u})
-
-
-def _clip_expression(c, blendshapes):
-  if blendshapes:
-    return c.replace(expression=jnp.clip(c.expression, 0.0, 1.0))
-  return c
 
 
 def _adam_loop(loss_fn, x0, fields, steps, lr, blendshapes):
@@ -268,15 +258,14 @@ def photometric_objective(model: mm.MorphableModel, c: coeffs_lib.Coefficients, 
   s = config.image_size
   w = config.weights
   r = render_lib.render(model, c, (s, s), background=images)
-  slide = config.contour == "silhouette"
+  # Sliding contour points: the same landmark set as the landmark stages.
+  pred = (predicted_landmarks(problem, c, s, True) if config.contour == "silhouette"
+          else r.landmarks_2d)
   terms = {
-      "land": losses.landmark_loss(r.landmarks_2d, target_landmarks, weights, s),
+      "land": losses.landmark_loss(pred, target_landmarks, weights, s),
       "photo": losses.photometric_loss(images, r.image, r.skin_mask),
       "reg": losses.weighted_regularization(c, w),
   }
-  if slide:  # contour points slide: use the same landmark set as the landmark stages
-    terms["land"] = losses.landmark_loss(predicted_landmarks(problem, c, s, True),
-                                         target_landmarks, weights, s)
   total = w.land * terms["land"] + w.photo * terms["photo"] + w.reg * terms["reg"]
   if dff_fn is not None:
     from dff3d.models import dff as dff_lib  # optional network, imported only when used

@@ -62,12 +62,14 @@ def closest_detection(image, gt_points):
   return min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - centre)).landmarks
 
 
-def vertices_in_photo(model, face, vertex_ids, image_size):
-  """(K, 2) photo pixels of model vertices `vertex_ids` of a reconstructed face."""
+def vertices_in_photo(model, face, vertex_ids, image_size, with_depth=False):
+  """Photo coordinates of model vertices `vertex_ids` (an index array or slice) of a
+  reconstructed face: (K, 2) pixels, or (K, 3) with the pixel-unit z of landmarks_3d."""
   c = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], face.coefficients)
   _, screen, _ = render_lib.camera_vertices(model, c, (image_size, image_size))
-  pts = np.asarray(screen[0])[np.asarray(vertex_ids)]
-  return reconstruction.landmarks_to_photo(pts, face.crop_affine, image_size)[:, :2]
+  pts = reconstruction.landmarks_to_photo(np.asarray(screen[0])[vertex_ids], face.crop_affine,
+                                          image_size)
+  return pts if with_depth else pts[:, :2]
 
 
 def load_lfpa_vertices(path, model):
@@ -114,7 +116,6 @@ def table(results):
 def dense_nme(model, out, kept, paths, dense_dir, image_size):
   """Per-image dense 3D NME against <stem>.npy clouds (images without one are skipped)."""
   preds, gts, inits, norms = [], [], [], []
-  all_ids = np.arange(model.num_vertices)
   for face, lab, path in zip(out, kept, paths):
     stem = os.path.splitext(os.path.basename(path))[0]
     gt_path = os.path.join(dense_dir, stem + ".npy")
@@ -123,10 +124,7 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
     gt = np.load(gt_path).astype(np.float64)
     if gt.ndim != 2 or gt.shape[1] != 3:
       raise ValueError(f"{gt_path}: expected (P, 3) vertices, got shape {gt.shape}")
-    c = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], face.coefficients)
-    _, screen, _ = render_lib.camera_vertices(model, c, (image_size, image_size))
-    verts = reconstruction.landmarks_to_photo(np.asarray(screen[0])[all_ids], face.crop_affine,
-                                              image_size)
+    verts = vertices_in_photo(model, face, slice(None), image_size, with_depth=True)
     fit = metrics.similarity_align(face.landmarks_3d, lab["gt_3d"])
     preds.append(verts)
     gts.append(gt)
@@ -191,7 +189,7 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
       result["nme_3d_dense"] = dense_nme(model, out, kept, kept_paths, dense_gt,
                                          config.image_size)
   else:
-    pred = np.stack([vertices_in_photo(model, f, lfpa_vertices, config.image_size)
+    pred = np.stack([vertices_in_photo(model, f, np.asarray(lfpa_vertices), config.image_size)
                      for f in out]) if out else np.zeros((0, 34, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 34, 2))
     vis = np.stack([lab["visible"] for lab in kept]) if kept else np.zeros((0, 34), bool)

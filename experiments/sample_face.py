@@ -15,6 +15,7 @@ import numpy as np
 from dff3d import io
 from dff3d import morphable_model as mm
 from dff3d import shading
+from dff3d import synthetic
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Folder for the meshes.")
 _NUM = flags.DEFINE_integer("num", 2, "Number of faces.")
@@ -22,13 +23,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 
 
 def random_coefficients(key, model, batch):
-  """Identity and albedo ~N(0, 1), expression ~U(0, 0.3) (a mild expression), frontal."""
-  c = mm.zero_coefficients(model, batch)
-  k1, k2, k3 = jax.random.split(key, 3)
-  ki, ka, ke = model.sizes[:3]
-  return c.replace(identity=jax.random.normal(k1, (batch, ki)),
-                   albedo=jax.random.normal(k2, (batch, ka)),
-                   expression=jax.random.uniform(k3, (batch, ke), maxval=0.3))
+  """The synthetic generator's random identity, albedo and expression, in the frontal pose
+  and default light of zero_coefficients."""
+  c = synthetic.sample_coefficients(key, model, batch)
+  return mm.zero_coefficients(model, batch).replace(
+      identity=c.identity, albedo=c.albedo, expression=c.expression)
 
 
 def main(_):
