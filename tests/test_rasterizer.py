@@ -346,3 +346,29 @@ def test_soft_silhouette_tracks_the_outline():
   # Only x, y of the outline corners get gradients, never depth or padding vertices.
   assert np.all(np.isfinite(grad))
   assert np.all(grad[..., 2] == 0) and np.all(grad[0, 4:] == 0)
+
+
+def test_antialias_sparse_and_dense_paths_agree(monkeypatch):
+  # Many small triangles over a background: a long, ragged outline (with holes).
+  rng = np.random.default_rng(5)
+  sv, tris = random_mesh(rng, batch=2, layers=2, per_kind=(30, 40, 0))
+  raster = _raster(jnp.asarray(sv), jnp.asarray(tris), (H, W))
+  image = rng.uniform(size=(2, H, W, 3)).astype(np.float32)
+  weights = rng.normal(size=(2, H, W, 3)).astype(np.float32)
+  count = int(R._outline_pixels(raster.triangle_id >= 0, 1)[1])
+  assert count > 100  # a real outline, and more pixels than a capacity of 1 holds
+
+  def run(share):
+    monkeypatch.setattr(R, "_OUTLINE_SHARE", share)
+    # Fresh functions: the share is read at trace time.
+    loss = lambda im, s: jnp.sum(R.antialias(im, raster, s, tris) * weights)
+    value = jax.jit(lambda im, s: R.antialias(im, raster, s, tris))(image, sv)
+    return (np.asarray(value),) + tuple(
+        np.asarray(g) for g in jax.jit(jax.grad(loss, (0, 1)))(image, sv))
+
+  sparse = run(1)  # capacity = every pixel: always the list path
+  dense = run(10**9)  # capacity 1 < count: the dense fallback
+  assert np.abs(sparse[0] - image).max() > 0.05  # the outline was blended
+  assert np.abs(sparse[2][..., :2]).max() > 0.1  # and moves with the vertices
+  for a, b in zip(sparse, dense):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
