@@ -164,6 +164,36 @@ def test_large_triangle_loop_in_many_small_steps(monkeypatch):
   assert not np.any(differ & ~ambiguous)
 
 
+@pytest.mark.parametrize("shares", [(1, 1), (10**9, 1), (10**9, 10**9)])
+def test_triangle_paths_overflow_exactly(monkeypatch, shares):
+  # (1, 1): every small and medium triangle fits its list; (10**9, 1): no small list, the
+  # small triangles go through the 4 x 4 path; (10**9, 10**9): lists of one triangle, all
+  # others go through the block loop.
+  monkeypatch.setattr(R, "_SMALL_SHARE", shares[0])
+  monkeypatch.setattr(R, "_MEDIUM_SHARE", shares[1])
+  rng = np.random.default_rng(7)
+  sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(20, 20, 2)), 256, 128)
+  r = jax.jit(lambda s, t: R.rasterize(s, t, (H, W)))(sv, tris)  # fresh trace
+  ids, _, _, ambiguous = reference_raster(sv, tris, H, W)
+  assert not np.any((np.asarray(r.triangle_id) != ids) & ~ambiguous)
+  assert (ids >= 0).mean() > 0.3
+
+
+@pytest.mark.parametrize("n, capacity", [(1, 1), (31, 5), (64, 64), (1000, 37), (1000, 1200)])
+def test_compact_lists_set_flags_in_order(n, capacity):
+  rng = np.random.default_rng(n + capacity)
+  flags = rng.uniform(size=n) < 0.3
+  index, count, slot = jax.jit(R._compact, static_argnums=1)(jnp.asarray(flags), capacity)
+  expected = np.flatnonzero(flags)
+  assert int(count) == len(expected)
+  kept = min(len(expected), capacity)
+  np.testing.assert_array_equal(np.asarray(index)[:kept], expected[:kept])
+  np.testing.assert_array_equal(np.asarray(index)[kept:], np.arange(kept, capacity) % n)
+  rank = np.full(n, capacity)
+  rank[expected] = np.arange(len(expected))
+  np.testing.assert_array_equal(np.asarray(slot), rank)
+
+
 def test_overlapping_duplicates_tie_to_lower_id():
   sv = np.array([[[2, 3, 5], [40, 5, 5], [10, 35, 5]]], np.float32)
   sv, tris = pad(sv, np.array([[0, 1, 2], [0, 1, 2], [2, 1, 0]], np.int32))
