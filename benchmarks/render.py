@@ -4,7 +4,7 @@ Prints one JSON object per line (mesh x batch). Example:
 
   python -m benchmarks.render --batches 1,8,16
 
-Meshes: the ICT face (`--model_npz`, mean shape in cm, +y up, +z towards the viewer, triangles
+Meshes: the ICT face (`--model_npz`, default the packaged asset; mean shape in cm, +y up, +z towards the viewer, triangles
 counter-clockwise from the front) and a Basel-size mesh (the ICT face subdivided once at edge
 midpoints: 4x the triangles). Camera: at the origin looking along -z, the face moved to
 z = -130 cm, `x_px = W/2 + f X/(-Z)`, `y_px = H/2 - f Y/(-Z)`, `f = 4.5315 W`.
@@ -28,7 +28,9 @@ import numpy as np
 
 from dff3d import rasterizer
 
-DEFAULT_NPZ = "/work/shared/data/ict_face_model/ict_face_model.npz"
+# The ICT face shipped with the package (same mean shape and triangles as the source release).
+DEFAULT_NPZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dff3d",
+                           "assets", "ict_face_model.npz")
 
 
 # ----------------------------------------------------------------------------------------------

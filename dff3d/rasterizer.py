@@ -17,13 +17,17 @@ regression"):
    z-buffer in float32, resolved with two scatters into one buffer per image: a scatter-max of
    `1 / depth`, then a scatter-min of the triangle id over the fragments that equal the maximum
    (so surfaces closer than float32 rounding of `1 / depth` count as ties).
-   Fragments are enumerated per triangle from its pixel bounding box (clipped to the image):
-   - small triangles (bounding box of at most 2 x 2 pixel centres; on a dense face mesh at
-     224 px almost all of them) by a fixed 2 x 2 candidate window, with no gathers;
+   Fragments are enumerated per triangle from its pixel bounding box (clipped to the image);
+   the triangles are listed (`_compact`, a bit-packed stream compaction) by box size:
+   - small (at most 2 x 2 pixel centres; on a dense face mesh at 224 px almost all drawn
+     triangles): a fixed 2 x 2 candidate window each;
+   - medium (at most 4 x 4): a fixed 4 x 4 window each;
    - every other triangle, of any size, by 4 x 4 pixel blocks of its bounding box. These are
      listed with prefix sums and processed in a `lax.while_loop`, `_BLOCKS_PER_STEP` blocks per
-     step, until all are done: there is no cap, a triangle covering the whole image is handled
-     exactly (just in more steps).
+     step, until all are done.
+   The small and medium lists have static capacities (a share of the triangles); triangles
+   that do not fit move on to the next path, so there is no cap: a triangle covering the
+   whole image, or a mesh of only small triangles, is exact (just slower).
    Images are rasterized one after the other (`lax.map`) so that each step's working set stays
    in cache.
 2. Barycentrics (`barycentrics`, differentiable). With the triangle ids fixed (stop-gradient),
@@ -37,12 +41,16 @@ regression"):
    point where the covered pixel's triangle edge crosses the segment between the two pixel
    centres is found analytically; the pixel on the side of the crossing is blended towards its
    neighbour by the fraction of the pixel (a 1-pixel box filter across the edge) that lies
-   beyond the edge. The crossed edge is chosen without gradients; the crossing position moves
-   with that edge's two vertices, so the blended image has a gradient with respect to vertex
-   x, y at outline pixels. For a straight edge moving by `d` pixels along its normal, the summed
-   coverage changes by `d` per pixel of edge length, as the true area does (the four corner
-   pixels of a polygon are not box-filtered in 2D, a sub-pixel error). Horizontal pairs handle
-   edges that are closer to vertical and vertical pairs the others, so no edge counts twice.
+   beyond the edge. Only the outline pixels are processed (listed by `_compact`, one
+   gather-blend-scatter over them) unless they exceed 1/16 of the image, where a dense path
+   over every pixel gives the same result. The crossed edge is chosen without gradients; the
+   crossing position moves with that edge's two vertices, so the blended image has a gradient
+   with respect to vertex x, y at outline pixels (reverse mode only: `antialias` has a custom
+   VJP, so `jax.jvp` / `jacfwd` through it are not supported). For a straight edge moving by
+   `d` pixels along its normal, the summed coverage changes by `d` per pixel of edge length, as
+   the true area does (the four corner pixels of a polygon are not box-filtered in 2D, a
+   sub-pixel error). Horizontal pairs handle edges that are closer to vertical and vertical
+   pairs the others, so no edge counts twice.
 
 Winding and culling: a triangle that is counter-clockwise as seen by the viewer in a y-up frame
 (the front faces of the morphable models) is clockwise in screen space, because screen y points

@@ -67,14 +67,19 @@ def render(model: mm.MorphableModel, c: coeffs_lib.Coefficients, image_size: Tup
   colours = shading.shade(alb, normals, c.lighting)
   raster = rasterizer.rasterize(screen, model.triangles, image_size,
                                 cull_backfaces=cull_backfaces)
-  face = rasterizer.interpolate(colours, raster, model.triangles)
+  # One interpolation and one antialiasing pass serve colours, face region and coverage.
+  region = jnp.broadcast_to(model.face_region[None, :, None].astype(colours.dtype),
+                            colours.shape[:2] + (1,))
+  face_and_region = rasterizer.interpolate(jnp.concatenate([colours, region], axis=-1), raster,
+                                           model.triangles)
+  face, region = face_and_region[..., :3], face_and_region[..., 3]
   hard = raster.mask[..., None]
   image = face if background is None else face * hard + background * (1.0 - hard)
   mask = raster.mask
   if antialias:
-    image = rasterizer.antialias(image, raster, screen, model.triangles)
-    mask = rasterizer.soft_silhouette(raster, screen, model.triangles)
-  region = rasterizer.interpolate(model.face_region[:, None], raster, model.triangles)[..., 0]
-  return Rendering(image=image, mask=mask, skin_mask=mask * region, raster=raster, screen_vertices=screen,
-                   vertices_cam=cam, normals_cam=normals, colours=colours,
+    blended = rasterizer.antialias(jnp.concatenate([image, hard], axis=-1), raster, screen,
+                                   model.triangles)
+    image, mask = blended[..., :3], blended[..., 3]
+  return Rendering(image=image, mask=mask, skin_mask=mask * region, raster=raster,
+                   screen_vertices=screen, vertices_cam=cam, normals_cam=normals, colours=colours,
                    landmarks_2d=mm.landmark_points(model, screen)[..., :2])
