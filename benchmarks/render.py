@@ -13,8 +13,10 @@ The timed loss renders vertex colours, composites them over a background, antial
 outline (colour and coverage channels) and compares with a target:
 `sum((aa_rgb - target)^2) + sum((aa_coverage - target_mask)^2)`; forward+backward is its
 gradient with respect to the 3D vertex positions (through the projection) and the colours.
-Times are medians over `--repeats` runs after one warm-up call; `compile_s` is the first call of
-the forward+backward function (trace, compile and run).
+Times are medians over `--repeats` interleaved rounds after one warm-up call per batch size
+(`forward_backward_vs_first_batch`: the per-image forward+backward time relative to the first
+batch size in `--batches`, measured in the same rounds); `compile_s` is the first call of the
+forward+backward function (trace, compile and run).
 """
 
 import argparse
@@ -158,14 +160,11 @@ def make_loss(triangles, height, width, cull_backfaces):
   return loss
 
 
-def median_ms(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+def timed_ms(fn, args):
+  """Wall time of one call in ms (the result is waited for)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return 1e3 * (time.perf_counter() - start)
 
 
 def device_name():
@@ -176,21 +175,21 @@ def device_name():
 
 
 def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces):
+  """Times every batch size in interleaved rounds (one round: NumPy, then forward and
+  forward+backward of each batch), so that all figures, and the ratios between them, see the
+  same machine conditions; this machine is shared and its speed drifts by 2x over minutes."""
   height = width = size
   rng = np.random.default_rng(1)
   colours_one = rng.uniform(size=mean_shape.shape).astype(np.float32)
   # NumPy baseline on image 0, same input.
   screen0 = np.asarray(project(jnp.asarray(batch_of_faces(mean_shape, 1)), height, width))[0]
-  np_times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    numpy_render(screen0, triangles, colours_one, height, width, cull_backfaces)
-    np_times.append(time.perf_counter() - start)
-  numpy_ms = 1e3 * float(np.median(np_times))
+  numpy_fn = lambda: numpy_render(screen0, triangles, colours_one, height, width,
+                                  cull_backfaces)
 
   loss = make_loss(jnp.asarray(triangles), height, width, cull_backfaces)
   forward = jax.jit(loss)
   forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  cases = []
   for batch in batches:
     vertices = jnp.asarray(batch_of_faces(mean_shape, batch))
     colours = jnp.broadcast_to(jnp.asarray(colours_one), (batch,) + colours_one.shape)
@@ -198,16 +197,28 @@ def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces
     target_mask = jnp.asarray((rng.uniform(size=(batch, height, width)) > 0.5)
                               .astype(np.float32))
     args = (vertices, colours, target, target_mask)
+    compile_s = timed_ms(forward_backward, args) / 1e3
+    timed_ms(forward, args)  # compile the forward too
+    cases.append(dict(batch=batch, args=args, compile_s=compile_s, fwd=[], fwd_bwd=[]))
+  numpy_times = []
+  for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(forward_backward(*args))
-    compile_s = time.perf_counter() - start
-    fwd = median_ms(forward, args, repeats) / batch
-    fwd_bwd = median_ms(forward_backward, args, repeats) / batch
+    numpy_fn()
+    numpy_times.append(1e3 * (time.perf_counter() - start))
+    for case in cases:
+      case["fwd"].append(timed_ms(forward, case["args"]) / case["batch"])
+      case["fwd_bwd"].append(timed_ms(forward_backward, case["args"]) / case["batch"])
+  numpy_ms = float(np.median(numpy_times))
+  first = float(np.median(cases[0]["fwd_bwd"]))
+  for case in cases:
+    fwd, fwd_bwd = float(np.median(case["fwd"])), float(np.median(case["fwd_bwd"]))
     print(json.dumps(dict(
         mesh=mesh_name, vertices=int(mean_shape.shape[0]), triangles=int(len(triangles)),
-        height=height, width=width, batch=batch, cull_backfaces=cull_backfaces,
+        height=height, width=width, batch=case["batch"], cull_backfaces=cull_backfaces,
         forward_ms_per_image=round(fwd, 3), forward_backward_ms_per_image=round(fwd_bwd, 3),
-        compile_s=round(compile_s, 2), numpy_forward_ms_per_image=round(numpy_ms, 2),
+        forward_backward_min_ms_per_image=round(float(np.min(case["fwd_bwd"])), 3),
+        forward_backward_vs_first_batch=round(fwd_bwd / first, 3),
+        compile_s=round(case["compile_s"], 2), numpy_forward_ms_per_image=round(numpy_ms, 2),
         speedup_vs_numpy=round(numpy_ms / fwd, 2), device=device_name(),
         repeats=repeats)), flush=True)
 
