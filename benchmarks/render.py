@@ -13,10 +13,12 @@ The timed loss renders vertex colours, composites them over a background, antial
 outline (colour and coverage channels) and compares with a target:
 `sum((aa_rgb - target)^2) + sum((aa_coverage - target_mask)^2)`; forward+backward is its
 gradient with respect to the 3D vertex positions (through the projection) and the colours.
-Times are medians over `--repeats` interleaved rounds after one warm-up call per batch size
-(`forward_backward_vs_first_batch`: the per-image forward+backward time relative to the first
-batch size in `--batches`, measured in the same rounds); `compile_s` is the first call of the
-forward+backward function (trace, compile and run).
+Times are medians over `--repeats` interleaved rounds. Every call gets fresh inputs: each
+round works through `--images` distinct images in sets of the batch size (16 calls of one
+image, or 1 call of 16), after one untimed call. `forward_backward_vs_first_batch` is the
+per-image forward+backward time relative to the first batch size in `--batches`, measured in
+the same rounds. `compile_s` is the first call of the forward+backward function (trace,
+compile and run).
 """
 
 import argparse
@@ -174,10 +176,12 @@ def device_name():
   return f"{d.platform} ({d.device_kind})"
 
 
-def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces):
+def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces, images):
   """Times every batch size in interleaved rounds (one round: NumPy, then forward and
   forward+backward of each batch), so that all figures, and the ratios between them, see the
-  same machine conditions; this machine is shared and its speed drifts by 2x over minutes."""
+  same machine conditions; this machine is shared and its speed drifts by 2x over minutes.
+  Each round makes, per batch size and function, one untimed call and then one timed call per
+  input set."""
   height = width = size
   rng = np.random.default_rng(1)
   colours_one = rng.uniform(size=mean_shape.shape).astype(np.float32)
@@ -191,23 +195,29 @@ def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces
   forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   cases = []
   for batch in batches:
-    vertices = jnp.asarray(batch_of_faces(mean_shape, batch))
-    colours = jnp.broadcast_to(jnp.asarray(colours_one), (batch,) + colours_one.shape)
-    target = jnp.asarray(rng.uniform(size=(batch, height, width, 3)).astype(np.float32))
-    target_mask = jnp.asarray((rng.uniform(size=(batch, height, width)) > 0.5)
-                              .astype(np.float32))
-    args = (vertices, colours, target, target_mask)
-    compile_s = timed_ms(forward_backward, args) / 1e3
-    timed_ms(forward, args)  # compile the forward too
-    cases.append(dict(batch=batch, args=args, compile_s=compile_s, fwd=[], fwd_bwd=[]))
+    # Distinct inputs per call: `images` images in all, in sets of `batch`, so that every
+    # batch size works through the same amount of fresh input data per round (repeating a
+    # single image would leave everything in the cache and flatter small batches).
+    sets = []
+    for k in range(max(1, images // batch)):
+      vertices = jnp.asarray(batch_of_faces(mean_shape, batch, seed=k))
+      colours = jnp.broadcast_to(jnp.asarray(colours_one), (batch,) + colours_one.shape)
+      target = jnp.asarray(rng.uniform(size=(batch, height, width, 3)).astype(np.float32))
+      target_mask = jnp.asarray((rng.uniform(size=(batch, height, width)) > 0.5)
+                                .astype(np.float32))
+      sets.append((vertices, colours, target, target_mask))
+    compile_s = timed_ms(forward_backward, sets[0]) / 1e3
+    timed_ms(forward, sets[0])  # compile the forward too
+    cases.append(dict(batch=batch, sets=sets, compile_s=compile_s, fwd=[], fwd_bwd=[]))
   numpy_times = []
   for _ in range(repeats):
     start = time.perf_counter()
     numpy_fn()
     numpy_times.append(1e3 * (time.perf_counter() - start))
     for case in cases:
-      case["fwd"].append(timed_ms(forward, case["args"]) / case["batch"])
-      case["fwd_bwd"].append(timed_ms(forward_backward, case["args"]) / case["batch"])
+      for fn, key in ((forward, "fwd"), (forward_backward, "fwd_bwd")):
+        timed_ms(fn, case["sets"][-1])  # untimed: the first call after a switch
+        case[key] += [timed_ms(fn, args) / case["batch"] for args in case["sets"]]
   numpy_ms = float(np.median(numpy_times))
   first = float(np.median(cases[0]["fwd_bwd"]))
   for case in cases:
@@ -229,7 +239,9 @@ def main():
   parser.add_argument("--meshes", default="ict,basel_size")
   parser.add_argument("--batches", default="1,8,16")
   parser.add_argument("--size", type=int, default=224)
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=int, default=7, help="timing rounds")
+  parser.add_argument("--images", type=int, default=16,
+                      help="distinct images per round, in sets of each batch size")
   parser.add_argument("--no_cull", action="store_true", help="draw back faces too")
   args = parser.parse_args()
   if not os.path.exists(args.model_npz):
@@ -238,7 +250,7 @@ def main():
   meshes = {"ict": (mean_shape, triangles), "basel_size": subdivide(mean_shape, triangles)}
   batches = [int(b) for b in args.batches.split(",")]
   for name in args.meshes.split(","):
-    run(name, *meshes[name], args.size, batches, args.repeats, not args.no_cull)
+    run(name, *meshes[name], args.size, batches, args.repeats, not args.no_cull, args.images)
 
 
 if __name__ == "__main__":
