@@ -943,11 +943,9 @@ def _antialias_sparse(image, triangle_id, screen_vertices, triangles, index, cou
     valid = jnp.arange(p.shape[0], dtype=jnp.int32) < count
     column = p % width
     row = (p // width) % height
-    base = (p // (height * width)) * screen_vertices.shape[1]
-    tid = jnp.maximum(ids[p], 0)
-    planes = _coordinate_planes(screen_vertices[..., :2])
-    corner = [triangles[:, k][tid] + base for k in range(3)]
-    x, y = [[plane[corner[k]] for k in range(3)] for plane in planes]
+    flat_triangle = (p // (height * width)) * triangles.shape[0] + jnp.maximum(ids[p], 0)
+    x, y = _triangle_corners(_coordinate_planes(screen_vertices[..., :2]), triangles,
+                             screen_vertices.shape[1], flat_triangle=flat_triangle)
     outline, neighbour = [], []
     for axis, step in _DIRECTIONS:
       if axis == 2:
