@@ -342,10 +342,10 @@ def _large_loop(coords, triangles, num_vertices, is_large, height, width, cull_b
   These triangles (larger than 4 x 4 pixel centres, or overflow of the lists) are compacted
   into a list and walked in windows of `_WINDOW` triangles; a step rasterizes the next
   `_BLOCKS_PER_STEP` blocks of `_BLOCK x _BLOCK` candidate pixels of the window's bounding
-  boxes, in order, until all blocks of all these triangles are done (no cap on size or count). Phase 0 scatter-maxes 1/depth into `zbuf`;
-  phase 1 scatter-mins the triangle id of the fragments equal to the final `zbuf` (the listed
-  triangles' depths are already in `zbuf`). Both phases run the same compiled fragment code,
-  so the equality sees bit-identical values.
+  boxes, in order, until all blocks of all these triangles are done (no cap on size or count).
+  Phase 0 scatter-maxes 1/depth into `zbuf`; phase 1 scatter-mins the triangle id of the
+  fragments equal to the final `zbuf` (the listed triangles' depths are already in `zbuf`).
+  Both phases run the same compiled fragment code, so the equality sees bit-identical values.
 
   Args:
     coords: 3 planes (B*N,) float32 screen x, y, depth.
