@@ -1,24 +1,29 @@
 """Rasterizer speed: forward and forward+backward per image, against a NumPy z-buffer.
 
-Prints one JSON object per line (mesh x batch). Example:
+Prints one JSON object per line (mesh x loss form x batch). Example:
 
   python -m benchmarks.render --batches 1,8,16
 
-Meshes: the ICT face (`--model_npz`, default the packaged asset; mean shape in cm, +y up, +z towards the viewer, triangles
-counter-clockwise from the front) and a Basel-size mesh (the ICT face subdivided once at edge
-midpoints: 4x the triangles). Camera: at the origin looking along -z, the face moved to
-z = -130 cm, `x_px = W/2 + f X/(-Z)`, `y_px = H/2 - f Y/(-Z)`, `f = 4.5315 W`.
+Meshes: the ICT face (`--model_npz`, default the packaged asset; mean shape in cm, +y up,
++z towards the viewer, triangles counter-clockwise from the front) and a Basel-size mesh (the
+ICT face subdivided once at edge midpoints: 4x the triangles). Camera: at the origin looking
+along -z, the face moved to z = -130 cm, `x_px = W/2 + f X/(-Z)`, `y_px = H/2 - f Y/(-Z)`,
+`f = 4.5315 W`.
 
 The timed loss renders vertex colours, composites them over a background, antialiases the
 outline (colour and coverage channels) and compares with a target:
 `sum((aa_rgb - target)^2) + sum((aa_coverage - target_mask)^2)`; forward+backward is its
 gradient with respect to the 3D vertex positions (through the projection) and the colours.
+Two forms of the same loss (`--forms`): `batched` calls the rasterizer on batch-sized arrays;
+`per_image` wraps the same code in `imagewise.per_image_losses`, which runs each image's
+forward and backward together.
+
 Times are medians over `--repeats` interleaved rounds. Every call gets fresh inputs: each
 round works through `--images` distinct images in sets of the batch size (16 calls of one
 image, or 1 call of 16), after one untimed call. `forward_backward_vs_first_batch` is the
-per-image forward+backward time relative to the first batch size in `--batches`, measured in
-the same rounds. `compile_s` is the first call of the forward+backward function (trace,
-compile and run).
+per-image forward+backward time relative to the first form at the first batch size in
+`--batches` (by default: batched, batch 1), measured in the same rounds. `compile_s` is the
+first call of the forward+backward function (trace, compile and run).
 """
 
 import argparse
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dff3d import imagewise
 from dff3d import rasterizer
 
 # The ICT face shipped with the package (same mean shape and triangles as the source release).
@@ -145,7 +151,8 @@ def numpy_render(screen, triangles, colours, height, width, cull_backfaces=True)
 # ----------------------------------------------------------------------------------------------
 
 def make_loss(triangles, height, width, cull_backfaces):
-  """Scalar image + silhouette loss of (vertices (B,N,3) cm, colours (B,N,3))."""
+  """Scalar image + silhouette loss of (vertices (B,N,3) cm, colours (B,N,3)), written on
+  batch-sized arrays."""
 
   def loss(vertices, colours, target, target_mask):
     screen = project(vertices, height, width)
@@ -162,6 +169,21 @@ def make_loss(triangles, height, width, cull_backfaces):
   return loss
 
 
+def make_per_image_loss(triangles, height, width, cull_backfaces):
+  """The same loss, evaluated image by image with `imagewise.per_image_losses` (each image's
+  forward and backward run together while its planes are in cache)."""
+  loss = make_loss(triangles, height, width, cull_backfaces)
+
+  def per_image(vertices, colours, target, target_mask):
+    one = lambda diff, const: loss(*diff, *const)
+    return jnp.sum(imagewise.per_image_losses(one, (vertices, colours), (target, target_mask)))
+
+  return per_image
+
+
+LOSS_FORMS = {"batched": make_loss, "per_image": make_per_image_loss}
+
+
 def timed_ms(fn, args):
   """Wall time of one call in ms (the result is waited for)."""
   start = time.perf_counter()
@@ -176,12 +198,28 @@ def device_name():
   return f"{d.platform} ({d.device_kind})"
 
 
-def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces, images):
-  """Times every batch size in interleaved rounds (one round: NumPy, then forward and
-  forward+backward of each batch), so that all figures, and the ratios between them, see the
-  same machine conditions; this machine is shared and its speed drifts by 2x over minutes.
-  Each round makes, per batch size and function, one untimed call and then one timed call per
-  input set."""
+def input_sets(mean_shape, colours_one, batch, images, size, rng):
+  """`images // batch` distinct (vertices, colours, target, target_mask) sets of `batch`
+  images each, so that every batch size works through the same amount of fresh input data per
+  round (repeating a single image would leave everything in the cache and flatter small
+  batches)."""
+  sets = []
+  for k in range(max(1, images // batch)):
+    vertices = jnp.asarray(batch_of_faces(mean_shape, batch, seed=k))
+    colours = jnp.broadcast_to(jnp.asarray(colours_one), (batch,) + colours_one.shape)
+    target = jnp.asarray(rng.uniform(size=(batch, size, size, 3)).astype(np.float32))
+    target_mask = jnp.asarray((rng.uniform(size=(batch, size, size)) > 0.5).astype(np.float32))
+    sets.append((vertices, colours, target, target_mask))
+  return sets
+
+
+def run(mesh_name, mean_shape, triangles, size, batches, forms, repeats, cull_backfaces,
+        images):
+  """Times every (loss form, batch size) in interleaved rounds (one round: NumPy, then forward
+  and forward+backward of each case), so that all figures, and the ratios between them, see
+  the same machine conditions; this machine is shared and its speed drifts by 2x over minutes.
+  Each round makes, per case and function, one untimed call and then one timed call per input
+  set. Ratios are relative to the first form at the first batch size."""
   height = width = size
   rng = np.random.default_rng(1)
   colours_one = rng.uniform(size=mean_shape.shape).astype(np.float32)
@@ -189,33 +227,26 @@ def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces
   screen0 = np.asarray(project(jnp.asarray(batch_of_faces(mean_shape, 1)), height, width))[0]
   numpy_fn = lambda: numpy_render(screen0, triangles, colours_one, height, width,
                                   cull_backfaces)
-
-  loss = make_loss(jnp.asarray(triangles), height, width, cull_backfaces)
-  forward = jax.jit(loss)
-  forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  sets = {batch: input_sets(mean_shape, colours_one, batch, images, size, rng)
+          for batch in batches}
   cases = []
-  for batch in batches:
-    # Distinct inputs per call: `images` images in all, in sets of `batch`, so that every
-    # batch size works through the same amount of fresh input data per round (repeating a
-    # single image would leave everything in the cache and flatter small batches).
-    sets = []
-    for k in range(max(1, images // batch)):
-      vertices = jnp.asarray(batch_of_faces(mean_shape, batch, seed=k))
-      colours = jnp.broadcast_to(jnp.asarray(colours_one), (batch,) + colours_one.shape)
-      target = jnp.asarray(rng.uniform(size=(batch, height, width, 3)).astype(np.float32))
-      target_mask = jnp.asarray((rng.uniform(size=(batch, height, width)) > 0.5)
-                                .astype(np.float32))
-      sets.append((vertices, colours, target, target_mask))
-    compile_s = timed_ms(forward_backward, sets[0]) / 1e3
-    timed_ms(forward, sets[0])  # compile the forward too
-    cases.append(dict(batch=batch, sets=sets, compile_s=compile_s, fwd=[], fwd_bwd=[]))
+  for form in forms:
+    loss = LOSS_FORMS[form](jnp.asarray(triangles), height, width, cull_backfaces)
+    forward = jax.jit(loss)
+    forward_backward = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    for batch in batches:
+      compile_s = timed_ms(forward_backward, sets[batch][0]) / 1e3
+      timed_ms(forward, sets[batch][0])  # compile the forward too
+      cases.append(dict(form=form, batch=batch, sets=sets[batch], compile_s=compile_s,
+                        functions=((forward, "fwd"), (forward_backward, "fwd_bwd")),
+                        fwd=[], fwd_bwd=[]))
   numpy_times = []
   for _ in range(repeats):
     start = time.perf_counter()
     numpy_fn()
     numpy_times.append(1e3 * (time.perf_counter() - start))
     for case in cases:
-      for fn, key in ((forward, "fwd"), (forward_backward, "fwd_bwd")):
+      for fn, key in case["functions"]:
         timed_ms(fn, case["sets"][-1])  # untimed: the first call after a switch
         case[key] += [timed_ms(fn, args) / case["batch"] for args in case["sets"]]
   numpy_ms = float(np.median(numpy_times))
@@ -224,7 +255,8 @@ def run(mesh_name, mean_shape, triangles, size, batches, repeats, cull_backfaces
     fwd, fwd_bwd = float(np.median(case["fwd"])), float(np.median(case["fwd_bwd"]))
     print(json.dumps(dict(
         mesh=mesh_name, vertices=int(mean_shape.shape[0]), triangles=int(len(triangles)),
-        height=height, width=width, batch=case["batch"], cull_backfaces=cull_backfaces,
+        height=height, width=width, batch=case["batch"], loss_form=case["form"],
+        cull_backfaces=cull_backfaces,
         forward_ms_per_image=round(fwd, 3), forward_backward_ms_per_image=round(fwd_bwd, 3),
         forward_backward_min_ms_per_image=round(float(np.min(case["fwd_bwd"])), 3),
         forward_backward_vs_first_batch=round(fwd_bwd / first, 3),
@@ -238,6 +270,9 @@ def main():
   parser.add_argument("--model_npz", default=DEFAULT_NPZ)
   parser.add_argument("--meshes", default="ict,basel_size")
   parser.add_argument("--batches", default="1,8,16")
+  parser.add_argument("--forms", default="batched,per_image",
+                      help="loss forms: batched (batch-sized arrays), per_image "
+                           "(imagewise.per_image_losses)")
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--repeats", type=int, default=7, help="timing rounds")
   parser.add_argument("--images", type=int, default=16,
@@ -249,8 +284,13 @@ def main():
   mean_shape, triangles = load_face(args.model_npz)
   meshes = {"ict": (mean_shape, triangles), "basel_size": subdivide(mean_shape, triangles)}
   batches = [int(b) for b in args.batches.split(",")]
+  forms = args.forms.split(",")
+  unknown = sorted(set(forms) - set(LOSS_FORMS))
+  if unknown:
+    raise SystemExit(f"--forms: unknown {unknown}; choose from {sorted(LOSS_FORMS)}")
   for name in args.meshes.split(","):
-    run(name, *meshes[name], args.size, batches, args.repeats, not args.no_cull, args.images)
+    run(name, *meshes[name], args.size, batches, forms, args.repeats, not args.no_cull,
+        args.images)
 
 
 if __name__ == "__main__":
