@@ -71,7 +71,7 @@ Limits:
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.struct
 import jax
@@ -110,12 +110,17 @@ class Raster:
       the pixel centre, zero where uncovered. Differentiable.
     mask: (B, H, W) float32, 1 where covered, 0 elsewhere (hard, not differentiable; see
       `soft_silhouette` for a coverage with outline gradients).
+    corner_ids: three (B, H, W) int32 planes, the vertex ids of the visible triangle's
+      corners (`triangles[triangle_id, k]`); uncovered pixels hold some valid vertex id, so
+      mask with `mask`. Computed once by `rasterize` and shared by `interpolate` and
+      `antialias`; None in a `Raster` built by hand (they then compute it).
   """
 
   triangle_id: jax.Array
   barycentrics: jax.Array
   depth: jax.Array
   mask: jax.Array
+  corner_ids: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,39 +559,49 @@ def visible_triangles(screen_vertices, triangles, image_size: Tuple[int, int], *
 # Differentiable part
 # ----------------------------------------------------------------------------------------------
 
-def _pixel_corner_index(triangles, triangle_id, num_vertices):
-  """3 planes (B, H, W) int32: rows of the flattened (B*N,) vertex planes for each pixel's
-  visible-triangle corners (triangle 0 where uncovered; mask the results)."""
-  b = triangle_id.shape[0]
+def corner_ids(triangles, triangle_id):
+  """The vertex ids of each pixel's visible-triangle corners (`Raster.corner_ids`).
+
+  Args:
+    triangles: (T, 3) int32.
+    triangle_id: (B, H, W) int32 (-1 = none).
+  Returns:
+    tuple of 3 (B, H, W) int32 planes, `triangles[triangle_id, k]`; an uncovered pixel p
+    holds the corners of triangle `p mod T` (valid ids, to be masked).
+  """
   triangle_id = jax.lax.stop_gradient(triangle_id)
   # Uncovered pixels read a different triangle each (their values are masked): one shared
   # triangle would make the backward's scatter-adds a serial chain on its three vertices.
   spread = jnp.arange(triangle_id[0].size, dtype=jnp.int32).reshape(triangle_id.shape[1:])
-  safe = jnp.where(triangle_id >= 0, triangle_id, spread % triangles.shape[0])
-  base = (jnp.arange(b, dtype=jnp.int32) * num_vertices)[:, None, None]
-  triangles = jnp.asarray(triangles, jnp.int32)
-  return [triangles[:, k][safe] + base for k in range(3)]
+
+  def gather(triangle_id, triangles):
+    safe = jnp.where(triangle_id >= 0, triangle_id, spread % triangles.shape[0])
+    return tuple(triangles[:, k][safe] for k in range(3))
+
+  # Materialised once (`_once` probes its first argument, the ids, which are not constant):
+  # left to XLA, the gathers were fused into, and recomputed by, every consumer.
+  return _once(gather, triangle_id, jnp.asarray(triangles, jnp.int32))
 
 
-def _pixel_corners(values, triangles, triangle_id, channels=None):
+def _pixel_corners(values, corners, channels=None):
   """Per-pixel corner values: out[ch][k] is a (B, H, W) plane of channel ch at corner k.
 
   Args:
     values: (B, N, C) per-vertex values.
-    triangles: (T, 3) int32.
-    triangle_id: (B, H, W) int32 (-1 = none; gathers triangle 0 there).
+    corners: 3 (B, H, W) int32 vertex-id planes from `corner_ids`.
     channels: optional number of leading channels to use.
   """
-  index = _pixel_corner_index(triangles, triangle_id, values.shape[1])
+  b, n = values.shape[:2]
+  base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
   planes = _coordinate_planes(values if channels is None else values[..., :channels])
-  return [[plane[index[k]] for k in range(3)] for plane in planes]
+  return [[plane[corners[k] + base] for k in range(3)] for plane in planes]
 
 
 def _derivatives_per_image(fn, num_diff):
   """`fn` with its derivatives computed one image at a time.
 
-  `fn(*diff, triangle_id, triangles)` maps `num_diff` batched float arrays and the batched
-  (B, H, W) triangle ids to batched outputs. The value is computed for the whole batch; the
+  `fn(*diff, triangle_id, corners)` maps `num_diff` batched float arrays, the batched
+  (B, H, W) triangle ids and the 3 (B, H, W) corner vertex-id planes to batched outputs. The value is computed for the whole batch; the
   JVP (and so, by JAX's transposition, the VJP) runs image by image in a `lax.map`,
   recomputing that image's forward (`jax.checkpoint`) instead of keeping batch-sized
   intermediates. On a CPU the batched backward is memory-bound once the per-pixel planes of
@@ -600,24 +615,25 @@ def _derivatives_per_image(fn, num_diff):
 
   @wrapped.defjvp
   def wrapped_jvp(primals, tangents):
-    diff, (triangle_id, triangles) = primals[:num_diff], primals[num_diff:]
+    diff, (triangle_id, corners) = primals[:num_diff], primals[num_diff:]
 
     def one(image):
-      values, directions, ids = image
-      single = lambda *v: fn(*[x[None] for x in v], ids[None], triangles)
+      values, directions, ids, image_corners = image
+      single = lambda *v: fn(*[x[None] for x in v], ids[None],
+                             tuple(c[None] for c in image_corners))
       return jax.tree_util.tree_map(lambda x: x[0], jax.jvp(single, values, directions)[1])
 
-    out_tangent = jax.lax.map(jax.checkpoint(one), (diff, tangents[:num_diff], triangle_id))
+    out_tangent = jax.lax.map(jax.checkpoint(one),
+                              (diff, tangents[:num_diff], triangle_id, corners))
     return fn(*primals), out_tangent
 
   return wrapped
 
 
 _barycentrics_per_image = _derivatives_per_image(
-    lambda sv, ids, triangles: _barycentrics_batch(sv, triangles, ids), 1)
+    lambda sv, ids, corners: _barycentrics_batch(sv, ids, corners), 1)
 _interpolate_per_image = _derivatives_per_image(
-    lambda attributes, bary, ids, triangles: _interpolate_batch(attributes, ids, bary,
-                                                                triangles), 2)
+    lambda attributes, bary, ids, corners: _interpolate_batch(attributes, bary, corners), 2)
 
 
 def barycentrics(screen_vertices, triangles, triangle_id):
@@ -635,16 +651,16 @@ def barycentrics(screen_vertices, triangles, triangle_id):
     bary: (B, H, W, 3) float32 perspective-correct weights (zero where uncovered).
     depth: (B, H, W) float32 depth at the pixel centre (zero where uncovered).
   """
-  return _barycentrics_per_image(screen_vertices.astype(jnp.float32),
-                                 jax.lax.stop_gradient(triangle_id),
-                                 jnp.asarray(triangles, jnp.int32))
+  triangle_id = jax.lax.stop_gradient(triangle_id)
+  return _barycentrics_per_image(screen_vertices.astype(jnp.float32), triangle_id,
+                                 corner_ids(triangles, triangle_id))
 
 
-def _barycentrics_batch(screen_vertices, triangles, triangle_id):
-  """`barycentrics` for all images at once."""
+def _barycentrics_batch(screen_vertices, triangle_id, corners):
+  """`barycentrics` for all images at once, given the corner vertex ids."""
   _, height, width = triangle_id.shape
   covered = jax.lax.stop_gradient(triangle_id) >= 0
-  x, y, z = _pixel_corners(screen_vertices.astype(jnp.float32), triangles, triangle_id)
+  x, y, z = _pixel_corners(screen_vertices.astype(jnp.float32), corners)
   z = [jnp.where(covered, zk, 1.0) for zk in z]
   px, py = _pixel_centres(height, width)
   e = [edge for _, _, edge in _edges_at(x, y, px, py)]
@@ -677,9 +693,10 @@ def rasterize(screen_vertices, triangles, image_size: Tuple[int, int], *,
   """
   ids = visible_triangles(screen_vertices, triangles, image_size,
                           cull_backfaces=cull_backfaces, near=near)
-  bary, depth = barycentrics(screen_vertices, triangles, ids)
+  corners = corner_ids(triangles, ids)
+  bary, depth = _barycentrics_per_image(screen_vertices.astype(jnp.float32), ids, corners)
   return Raster(triangle_id=ids, barycentrics=bary, depth=depth,
-                mask=(ids >= 0).astype(jnp.float32))
+                mask=(ids >= 0).astype(jnp.float32), corner_ids=corners)
 
 
 def interpolate(attributes, raster: Raster, triangles):
@@ -695,24 +712,31 @@ def interpolate(attributes, raster: Raster, triangles):
     (B, H, W, C) attributes at the pixel centres, zero where uncovered. Differentiable with
     respect to the attributes and, through the barycentrics, to the screen vertices.
   """
-  b = raster.triangle_id.shape[0]
+  ids = jax.lax.stop_gradient(raster.triangle_id)
+  b = ids.shape[0]
   if attributes.ndim == 2:
     attributes = jnp.broadcast_to(attributes[None], (b,) + attributes.shape)
-  return _interpolate_per_image(attributes, raster.barycentrics,
-                                jax.lax.stop_gradient(raster.triangle_id),
-                                jnp.asarray(triangles, jnp.int32))
+  return _interpolate_per_image(attributes, raster.barycentrics, ids,
+                                _raster_corner_ids(raster, triangles))
 
 
-def _interpolate_batch(attributes, triangle_id, bary, triangles):
-  """`interpolate` for all images at once."""
+def _raster_corner_ids(raster: Raster, triangles):
+  """The raster's corner vertex-id planes, computed when it was built by hand."""
+  if raster.corner_ids is not None:
+    return tuple(jax.lax.stop_gradient(c) for c in raster.corner_ids)
+  return corner_ids(triangles, raster.triangle_id)
+
+
+def _interpolate_batch(attributes, bary, corners):
+  """`interpolate` for all images at once, given the corner vertex ids."""
   b, n, c = attributes.shape
   w = [bary[..., k].astype(attributes.dtype) for k in range(3)]
   if c <= _UNROLL_CHANNELS:
-    a = _pixel_corners(attributes, triangles, triangle_id)
+    a = _pixel_corners(attributes, corners)
     return jnp.stack([w[0] * ak[0] + w[1] * ak[1] + w[2] * ak[2] for ak in a], axis=-1)
-  index = _pixel_corner_index(triangles, triangle_id, n)
+  base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
   table = attributes.reshape(b * n, c)
-  return sum(w[k][..., None] * table[index[k]] for k in range(3))
+  return sum(w[k][..., None] * table[corners[k] + base] for k in range(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -885,7 +909,7 @@ def _outline_weights(triangle_id, screen_vertices, triangles):
     the opposite direction.
   """
   _, height, width = triangle_id.shape
-  x, y = _pixel_corners(screen_vertices, triangles, triangle_id, channels=2)
+  x, y = _pixel_corners(screen_vertices, corner_ids(triangles, triangle_id), channels=2)
   px, py = _pixel_centres(height, width)
   codes = lambda ids, xs, ys: _edge_codes(xs, ys, px, py, _dense_outline(ids >= 0))
   packed = _once(codes, triangle_id, [jax.lax.stop_gradient(v) for v in x],

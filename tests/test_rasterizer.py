@@ -301,6 +301,25 @@ def test_interpolated_depth_equals_raster_depth_and_vertex_ids():
   np.testing.assert_allclose(values, expect, atol=1e-6)
 
 
+
+def test_corner_ids_and_a_hand_built_raster():
+  # rasterize stores the visible triangles' corner vertex ids; a Raster built by hand
+  # (corner_ids None) interpolates the same values and gradients.
+  rng = np.random.default_rng(8)
+  sv, tris = random_mesh(rng, batch=2, layers=2, per_kind=(10, 20, 1))
+  r = _raster(sv, tris)
+  ids = np.asarray(r.triangle_id)
+  corners = np.stack([np.asarray(c) for c in r.corner_ids], -1)
+  covered = ids >= 0
+  np.testing.assert_array_equal(corners[covered], tris[ids[covered]])
+  assert corners.min() >= 0 and corners.max() < sv.shape[1]
+  plain = R.Raster(r.triangle_id, r.barycentrics, r.depth, r.mask)
+  colours = jnp.asarray(rng.uniform(size=(2, sv.shape[1], 3)).astype(np.float32))
+  value = lambda raster, c: jnp.sum(R.interpolate(c, raster, tris) ** 2)
+  for a, b in zip(jax.value_and_grad(value, 1)(r, colours),
+                  jax.value_and_grad(value, 1)(plain, colours)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
 # ----------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------
