@@ -33,7 +33,13 @@ regression"):
 2. Barycentrics (`barycentrics`, differentiable). With the triangle ids fixed (stop-gradient),
    the perspective-correct barycentrics and the depth of every covered pixel are recomputed from
    the gathered screen vertices, so gradients reach x, y and depth of the three vertices of the
-   visible triangle. `interpolate` then carries gradients to any per-vertex attribute.
+   visible triangle. `interpolate` then carries gradients to any per-vertex attribute. The
+   visible triangles' corner vertex ids are computed once (`Raster.corner_ids`) and shared.
+   Values are computed for the whole batch; derivatives image by image. For losses over a
+   batch, `dff3d.imagewise.per_image_losses` runs the whole per-image pipeline (rasterizer,
+   compositing, loss and gradient) image by image, which keeps each image's per-pixel planes
+   in cache: on a CPU at 224 px its per-image time at batch 16 matches batch 1, where the
+   batched calls take 1.2-1.5x.
 3. Silhouettes (`antialias`, `soft_silhouette`, differentiable). The z-buffer alone gives no
    gradient for moving the outline. `antialias` is an analytic edge antialiasing in the manner of
    nvdiffrast's `antialias` (Laine et al. 2020), restricted to face-against-background
