@@ -171,6 +171,7 @@ def test_triangle_paths_overflow_exactly(monkeypatch, shares):
   # others go through the block loop.
   monkeypatch.setattr(R, "_SMALL_SHARE", shares[0])
   monkeypatch.setattr(R, "_MEDIUM_SHARE", shares[1])
+  monkeypatch.setattr(R, "_MEDIUM_PIXELS", 10**9)  # no pixel-based floor: the shares decide
   rng = np.random.default_rng(7)
   sv, tris = pad(*random_mesh(rng, batch=1, layers=2, per_kind=(20, 20, 2)), 256, 128)
   r = jax.jit(lambda s, t: R.rasterize(s, t, (H, W)))(sv, tris)  # fresh trace
