@@ -603,17 +603,23 @@ def _pixel_corners(values, corners, channels=None):
     corners: 3 (B, H, W) int32 vertex-id planes from `corner_ids`.
     channels: optional number of leading channels to use.
   """
-  b, n = values.shape[:2]
-  base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
+  rows = _corner_rows(corners, *values.shape[:2])
   planes = _coordinate_planes(values if channels is None else values[..., :channels])
-  return [[plane[corners[k] + base] for k in range(3)] for plane in planes]
+  return [[plane[rows[k]] for k in range(3)] for plane in planes]
+
+
+def _corner_rows(corners, batch, num_vertices):
+  """The corner vertex ids as rows of the flattened (B*N,) per-vertex planes."""
+  base = (jnp.arange(batch, dtype=jnp.int32) * num_vertices)[:, None, None]
+  return [corners[k] + base for k in range(3)]
 
 
 def _derivatives_per_image(fn, num_diff):
   """`fn` with its derivatives computed one image at a time.
 
   `fn(*diff, triangle_id, corners)` maps `num_diff` batched float arrays, the batched
-  (B, H, W) triangle ids and the 3 (B, H, W) corner vertex-id planes to batched outputs. The value is computed for the whole batch; the
+  (B, H, W) triangle ids and the 3 (B, H, W) corner vertex-id planes to batched outputs.
+  The value is computed for the whole batch; the
   JVP (and so, by JAX's transposition, the VJP) runs image by image in a `lax.map`,
   recomputing that image's forward (`jax.checkpoint`) instead of keeping batch-sized
   intermediates. On a CPU the batched backward is memory-bound once the per-pixel planes of
@@ -746,9 +752,9 @@ def _interpolate_batch(attributes, bary, corners):
   if c <= _UNROLL_CHANNELS:
     a = _pixel_corners(attributes, corners)
     return jnp.stack([w[0] * ak[0] + w[1] * ak[1] + w[2] * ak[2] for ak in a], axis=-1)
-  base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
+  rows = _corner_rows(corners, b, n)
   table = attributes.reshape(b * n, c)
-  return sum(w[k][..., None] * table[corners[k] + base] for k in range(3))
+  return sum(w[k][..., None] * table[rows[k]] for k in range(3))
 
 
 # ----------------------------------------------------------------------------------------------
