@@ -249,8 +249,8 @@ def _triangle_corners(coords, triangles, num_vertices, flat_triangle=None, batch
   """
   t = triangles.shape[0]
   if flat_triangle is None:
-    base = (jnp.arange(batch, dtype=jnp.int32) * num_vertices)[:, None]
-    index = [(base + triangles[:, k][None, :]).reshape(-1) for k in range(3)]
+    rows = _corner_rows([triangles[:, k][None, :] for k in range(3)], batch, num_vertices)
+    index = [r.reshape(-1) for r in rows]
   else:
     base = (flat_triangle // t) * num_vertices
     local = flat_triangle % t
@@ -609,8 +609,10 @@ def _pixel_corners(values, corners, channels=None):
 
 
 def _corner_rows(corners, batch, num_vertices):
-  """The corner vertex ids as rows of the flattened (B*N,) per-vertex planes."""
-  base = (jnp.arange(batch, dtype=jnp.int32) * num_vertices)[:, None, None]
+  """Vertex ids of image b (3 arrays with a leading batch axis of B or 1) as rows of the
+  flattened (B*N,) per-vertex planes: `id + b * N`."""
+  base = jnp.arange(batch, dtype=jnp.int32) * num_vertices
+  base = base.reshape((batch,) + (1,) * (jnp.ndim(corners[0]) - 1))
   return [corners[k] + base for k in range(3)]
 
 
