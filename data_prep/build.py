@@ -4,6 +4,7 @@ r"""Builds one of dff3d's TFDS datasets (array_record, no TensorFlow needed).
   python -m data_prep.build --dataset=300w_lp --config=no_flip --manual_dir=/data/300W_LP
   python -m data_prep.build --dataset=aflw2000_3d --manual_dir=/data/AFLW2000
   python -m data_prep.build --dataset=aflw_lfpa --manual_dir=/data/aflw_lfpa
+  python -m data_prep.build --dataset=aflw_3ddfa --config=pseudo68 --manual_dir=/data/aflw_3ddfa
   python -m data_prep.build --dataset=synthetic --synthetic_size=224 --synthetic_num_train=10000
 
 Read a build back with dff3d.data.open_tfds(<data_dir>/<name>/<config>/<version>, split) or
@@ -23,6 +24,7 @@ DATASETS = {
     "300w_lp": ("data_prep.w300lp_builder", "Dff3d300wLp"),
     "aflw2000_3d": ("data_prep.aflw2000_3d_builder", "Dff3dAflw20003d"),
     "aflw_lfpa": ("data_prep.aflw_lfpa_builder", "Dff3dAflwLfpa"),
+    "aflw_3ddfa": ("data_prep.aflw_3ddfa_builder", "Dff3dAflw3ddfa"),
     "synthetic": ("data_prep.synthetic_builder", "Dff3dSynthetic"),
 }
 
@@ -30,7 +32,8 @@ _DATASET = flags.DEFINE_enum("dataset", None, sorted(DATASETS), "Which dataset t
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The dataset as downloaded (layout in "
                                   "the builder's docstring); not used by synthetic.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Where builds go.")
-_CONFIG = flags.DEFINE_string("config", None, "Builder config name (300w_lp: all | no_flip).")
+_CONFIG = flags.DEFINE_string("config", None, "Builder config name (300w_lp: all | no_flip; "
+                              "aflw_3ddfa: pts21 | pseudo68).")
 _SIZE = flags.DEFINE_integer("synthetic_size", 224, "Synthetic image side.")
 _NUM_TRAIN = flags.DEFINE_integer("synthetic_num_train", 10000, "Synthetic train examples.")
 _NUM_TEST = flags.DEFINE_integer("synthetic_num_test", 1000, "Synthetic test examples.")
