@@ -64,31 +64,40 @@ class FitConfig:
                                                   default=FIT_WEIGHTS)
 
 
-def initial_pose(model_points, landmarks_2d, focal, principal_point):
+def initial_pose(model_points, landmarks_2d, focal, principal_point, weights=None):
   """Closed-form weak-perspective pose from 2D-3D correspondences.
 
   Args:
     model_points: (K, 3) model-space points (e.g. the mean face's landmark vertices).
     landmarks_2d: (B, K, 2) pixels.
     focal: focal length in pixels; principal_point: (2,) pixels.
+    weights: optional (B, K) >= 0 (0 drops a missing point); at least 4 points per face
+      should have weight > 0.
   Returns:
     (rotation (B, 3) radians, translation (B, 3)) such that projecting R p + m approximately
-    reproduces the landmarks (the least-squares affine camera, projected onto a rotation).
+    reproduces the landmarks (the weighted least-squares affine camera, projected onto a
+    rotation).
   """
-  x = np.asarray(model_points, np.float64)
-  xc = x - x.mean(0)
+  x_all = np.asarray(model_points, np.float64)
+  pts_all = np.asarray(landmarks_2d, np.float64)
+  w_all = (np.ones(pts_all.shape[:2]) if weights is None
+           else np.asarray(weights, np.float64))
   rots, trans = [], []
-  for pts in np.asarray(landmarks_2d, np.float64):
+  for pts, w in zip(pts_all, w_all):
+    if np.count_nonzero(w > 0) < 4:  # too few points: frontal, at the default distance
+      w = np.ones_like(w)
+    sw = np.sqrt(w)[:, None]
+    mean_x = (w[:, None] * x_all).sum(0) / w.sum()
     uv = np.stack([pts[:, 0] - principal_point[0], -(pts[:, 1] - principal_point[1])], -1)
-    uvc = uv - uv.mean(0)
-    m, *_ = np.linalg.lstsq(xc, uvc, rcond=None)  # (3, 2): uvc ~ xc @ m
-    m = m.T
+    mean_uv = (w[:, None] * uv).sum(0) / w.sum()
+    m, *_ = np.linalg.lstsq(sw * (x_all - mean_x), sw * (uv - mean_uv), rcond=None)
+    m = m.T  # (2, 3): uv - mean_uv ~ m (x - mean_x)
     s = 0.5 * (np.linalg.norm(m[0]) + np.linalg.norm(m[1]))
     r = np.stack([m[0], m[1], np.cross(m[0], m[1])])
     u, _, vt = np.linalg.svd(r)
     r = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
     d = focal / s
-    txy = uv.mean(0) / s - (r @ x.mean(0))[:2]
+    txy = mean_uv / s - (r @ mean_x)[:2]
     rots.append(np.asarray(camera.angles_from_matrix(jnp.asarray(r, jnp.float32))))
     trans.append([txy[0], txy[1], -d])
   return np.asarray(rots, np.float32), np.asarray(trans, np.float32)
@@ -121,24 +130,36 @@ def contour_candidates(model: mm.MorphableModel, band=0.6, inner_fraction=0.25, 
 
 
 class LandmarkProblem(NamedTuple):
-  """Gathered model rows needed to move only the landmark (and contour candidate) vertices."""
+  """Gathered model rows needed to move only the landmark (and contour candidate) vertices.
+
+  A landmark is the mix-weighted mean of up to M gathered rows (dff3d.landmark_sets); for
+  iBUG-68 every point is one vertex."""
   mean: jnp.ndarray        # (V, 3)
   identity: jnp.ndarray    # (Ki, V, 3)
   expression: jnp.ndarray  # (Ke, V, 3)
-  fixed: jnp.ndarray       # (68,) row of each landmark in the gathered set
-  candidates: jnp.ndarray  # (16, C) rows of each contour landmark's candidates
+  fixed: jnp.ndarray       # (K, M) rows of each landmark's vertices in the gathered set
+  mix: jnp.ndarray         # (K, M) their weights (rows sum to 1, or 0 for a missing point)
+  candidates: jnp.ndarray  # (16, C) rows of each contour landmark's candidates (iBUG-68)
 
 
-def landmark_problem(model: mm.MorphableModel, with_candidates: bool):
-  """Gather the model rows of the 68 landmarks (+ contour candidates)."""
-  ids = np.asarray(model.landmarks)
-  cand = contour_candidates(model) if with_candidates else ids[lm.CONTOUR][:, None]
-  all_ids, inverse = np.unique(np.concatenate([ids, cand.ravel()]), return_inverse=True)
-  fixed = inverse[:68]
-  candidates = inverse[68:].reshape(cand.shape)
+def landmark_problem(model: mm.MorphableModel, with_candidates: bool, landmark_set=None):
+  """Gather the model rows of a landmark set's points (default iBUG-68; contour candidates
+  only for iBUG-68)."""
+  from dff3d import landmark_sets  # pylint: disable=g-import-not-at-top
+  landmark_set = landmark_set or landmark_sets.IBUG68
+  vids, mix = landmark_set.vertices(model)
+  if landmark_set.name == "ibug68":
+    ids = np.asarray(model.landmarks)
+    cand = contour_candidates(model) if with_candidates else ids[lm.CONTOUR][:, None]
+  else:
+    cand = np.zeros((0, 1), np.int64)
+  all_ids, inverse = np.unique(np.concatenate([vids.ravel(), cand.ravel()]),
+                               return_inverse=True)
+  fixed = inverse[:vids.size].reshape(vids.shape)
+  candidates = inverse[vids.size:].reshape(cand.shape)
   return LandmarkProblem(model.mean_shape[all_ids], model.identity_basis[:, all_ids],
                          model.expression_basis[:, all_ids], jnp.asarray(fixed, jnp.int32),
-                         jnp.asarray(candidates, jnp.int32))
+                         jnp.asarray(mix, jnp.float32), jnp.asarray(candidates, jnp.int32))
 
 
 def _project_points(points, rotation, translation, image_size):
@@ -148,12 +169,13 @@ def _project_points(points, rotation, translation, image_size):
 
 def predicted_landmarks(problem: LandmarkProblem, c: coeffs_lib.Coefficients, image_size,
                         slide: bool):
-  """(B, 68, 2) projected landmarks; contour points slide to the outline when `slide`."""
+  """(B, K, 2) projected landmarks; iBUG-68 contour points slide to the outline when
+  `slide`."""
   pts = (problem.mean[None] + jnp.einsum("bk,kvc->bvc", c.identity, problem.identity)
          + jnp.einsum("bk,kvc->bvc", c.expression, problem.expression))
   scr = _project_points(pts, c.rotation, c.translation, image_size)[..., :2]
-  out = scr[:, problem.fixed]
-  if slide:
+  out = jnp.sum(scr[:, problem.fixed] * problem.mix[None, ..., None], axis=2)
+  if slide and problem.candidates.shape[0]:
     cand = scr[:, problem.candidates]  # (B, 16, C, 2)
     right = jnp.asarray(lm.CONTOUR < 8)[None, :, None]  # subject's right: smallest image x
     key = jnp.where(right, cand[..., 0], -cand[..., 0])
@@ -213,29 +235,37 @@ def is_blendshape_model(model: mm.MorphableModel) -> bool:
 
 
 def fit_landmarks(model: mm.MorphableModel, landmarks_2d, config: FitConfig = FitConfig(),
-                  visible=None):
-  """Fit pose, identity and expression to 68 landmarks in crop pixels.
+                  visible=None, landmark_set=None):
+  """Fit pose, identity and expression to K landmarks in crop pixels.
 
   Args:
     model: the morphable model.
-    landmarks_2d: (B, 68, 2) crop pixels (crop side config.image_size).
+    landmarks_2d: (B, K, 2) crop pixels (crop side config.image_size).
     config: FitConfig.
-    visible: optional (B, 68) weights in {0, 1} for missing points.
+    visible: optional (B, K) weights in {0, 1} for missing points.
+    landmark_set: dff3d.landmark_sets set of the K points (default iBUG-68; contour sliding
+      applies to iBUG-68 only).
   Returns:
     Coefficients (B, ...) with albedo 0 and default lighting.
   """
+  from dff3d import landmark_sets  # pylint: disable=g-import-not-at-top
+  landmark_set = landmark_set or landmark_sets.IBUG68
   landmarks_2d = jnp.asarray(landmarks_2d, jnp.float32)
-  b = landmarks_2d.shape[0]
+  b, k = landmarks_2d.shape[:2]
+  if k != len(landmark_set):
+    raise ValueError(f"{k} landmarks for the {len(landmark_set)}-point set {landmark_set.name}")
+  vis = np.ones((b, k), np.float32) if visible is None else np.asarray(visible, np.float32)
   focal, pp = camera.default_camera(config.image_size, config.image_size)
-  ref = np.asarray(model.mean_shape)[np.asarray(model.landmarks)]
-  inner = lm.INNER
+  vids, mix = landmark_set.vertices(model)
+  have = mix.sum(-1) > 0
+  ref = np.einsum("km,kmc->kc", mix, np.asarray(model.mean_shape)[vids])
+  inner = landmark_set.inner & have
   rot, trans = initial_pose(ref[inner], np.asarray(landmarks_2d)[:, inner], float(focal),
-                            np.asarray(pp))
+                            np.asarray(pp), vis[:, inner])
   c0 = mm.zero_coefficients(model, b).replace(rotation=jnp.asarray(rot),
                                                translation=jnp.asarray(trans))
-  weights = jnp.asarray(lm.landmark_weights())[None] * (
-      jnp.ones((b, 68)) if visible is None else jnp.asarray(visible, jnp.float32))
-  problem = landmark_problem(model, config.contour == "silhouette")
+  weights = jnp.asarray(landmark_set.weights * have)[None] * jnp.asarray(vis)
+  problem = landmark_problem(model, config.contour == "silhouette", landmark_set)
   return _fit_landmarks_jit(problem, c0, landmarks_2d, weights, config,
                             is_blendshape_model(model))
 
