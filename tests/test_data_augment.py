@@ -176,5 +176,5 @@ def test_augmented_crop_no_augment_and_visibility():
   flip = augment.AugmentConfig(flip_prob=1.0, max_rotation_deg=0.0, colour_range=None)
   out = augment.augmented_crop(np.zeros((80, 90, 3)), pts, vis, rng, 32, flip)
   assert not out["landmarks_visible"][45] and out["landmarks_visible"][36]
-  with pytest.raises(ValueError, match="68 iBUG"):
+  with pytest.raises(ValueError, match="needs a flip permutation for 34 points"):
     augment.augmented_crop(np.zeros((80, 90, 3)), pts[:34], None, rng, 32, flip)

@@ -251,7 +251,7 @@ NO_AUGMENT = AugmentConfig(flip_prob=0.0, max_rotation_deg=0.0, colour_range=Non
 
 def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: int,
                    config: AugmentConfig = NO_AUGMENT, crop_scale: float = 1.6,
-                   crop_shift_up: float = 0.1) -> dict:
+                   crop_shift_up: float = 0.1, flip_permutation=None, box=None) -> dict:
   """Face crop plus augmentation with ONE resampling: crop, then rotate about the crop centre,
   then flip, then colour-scale (equal, up to interpolation, to applying crop(), rotate(),
   flip() and scale_colours() one after another).
@@ -261,6 +261,11 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
     landmarks: (K, 2) pixels; visible: (K,) bool (label present), used for the crop box.
     rng: numpy Generator (draw order: flip, angle, colours).
     size: crop side S.
+    flip_permutation: (K,) int order of the points of a mirrored face (the landmark set's,
+      dff3d.landmark_sets); None: the iBUG-68 permutation (then K must be 68 to flip).
+    box: optional (4,) crop box (x0, y0, x1, y1) in source pixels; None: face_box of the
+      visible landmarks (e.g. AFLW-21 examples pass the box of their pseudo-68 points so they
+      are framed like 68-point crops).
 
   Returns:
     dict: "image" (S, S, 3) float32 [0, 1]; "landmarks" (K, 2) float32 crop pixels;
@@ -269,19 +274,25 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
   """
   pts = np.asarray(landmarks, np.float32)[:, :2]
   vis = np.ones(len(pts), bool) if visible is None else np.asarray(visible, bool)
-  box = face_box(pts, vis, crop_scale, crop_shift_up, image_shape=np.shape(image))
+  if box is None:
+    box = face_box(pts, vis, crop_scale, crop_shift_up, image_shape=np.shape(image))
   do_flip = config.flip_prob > 0 and rng.uniform() < config.flip_prob
   angle = (rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
            if config.max_rotation_deg > 0 else 0.0)
-  if do_flip and len(pts) != landmarks_lib.NUM_LANDMARKS:
-    raise ValueError(f"flip augmentation needs the 68 iBUG landmarks, got {len(pts)} points")
+  if flip_permutation is None:
+    if do_flip and len(pts) != landmarks_lib.NUM_LANDMARKS:
+      raise ValueError(f"flip augmentation needs a flip permutation for {len(pts)} points "
+                       "(the iBUG-68 one is the default)")
+    flip_permutation = landmarks_lib.FLIP_PERMUTATION
   with _cpu():
     a, inv, moved = (np.asarray(v) for v in _crop_chain(
-        box, np.float32(angle), np.bool_(do_flip), pts, int(size)))
+        np.asarray(box, np.float32), np.float32(angle), np.bool_(do_flip), pts, int(size)))
   out = _warp_with_inverse(image, inv, size, size)
   if do_flip:
-    moved = moved[landmarks_lib.FLIP_PERMUTATION]
-    vis = vis[landmarks_lib.FLIP_PERMUTATION]
+    perm = np.asarray(flip_permutation)
+    if perm.shape != (len(pts),):
+      raise ValueError(f"flip permutation of {perm.shape} for {len(pts)} points")
+    moved, vis = moved[perm], vis[perm]
   if config.colour_range is not None:
     out = scale_colours(out, rng.uniform(config.colour_range[0], config.colour_range[1], 3))
   return {"image": out, "landmarks": moved.astype(np.float32), "landmarks_visible": vis,

@@ -11,6 +11,9 @@ Each batch is a dict:
   "landmarks_visible" (B, K) float32 (1 = labelled)
   "affine"            (B, 2, 3) float32, source-image pixels -> crop pixels (the crop, rotation
                       and flip; map predictions back with camera.invert_affine)
+  "landmark_set"      (B,) int32, index of the example's dff3d.landmark_sets set (example key
+                      "landmark_set", a name or index; default iBUG-68); K is then always 68
+                      (landmark_sets.MAX_POINTS): shorter sets are zero-padded, visibility 0
   "index"             (B,) int32, the source index (-1 on padding rows, see pad_last_batch)
   plus config.extra_keys copied from the examples (stacked as numpy arrays).
 With num_devices = n every array is reshaped to (n, B / n, ...).
@@ -30,6 +33,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from dff3d import landmark_sets
 from dff3d.data import augment
 
 
@@ -50,7 +54,8 @@ class PipelineConfig:
     jax.local_device_count().
   num_threads, prefetch: Grain ReadOptions (worker threads, examples read ahead).
   landmarks_key / visible_key: example keys to read (None: "landmarks_68" if present else
-    "landmarks"; "landmarks_visible" if present else all visible).
+    "landmarks"; "landmarks_visible" if present else all visible). An example's optional
+    "box_landmarks" (K, 2) frame its crop instead of its landmarks (see _box).
   extra_keys: further example keys to pass through (e.g. ("yaw_deg",)).
   """
 
@@ -89,6 +94,14 @@ def decode_image(value) -> np.ndarray:
   return arr if arr.dtype == np.uint8 else arr.astype(np.float32)
 
 
+def _set_of(example):
+  """The landmark set name or index of an example (iBUG-68 when it names none)."""
+  value = example.get("landmark_set", 0)
+  if isinstance(value, bytes):
+    value = value.decode()
+  return value if isinstance(value, str) else int(np.asarray(value))
+
+
 def _seed(*values) -> int:
   return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
 
@@ -122,16 +135,33 @@ class InputPipeline:
     vkey = cfg.visible_key or "landmarks_visible"
     pts = np.asarray(ex[lkey], np.float32)
     vis = np.asarray(ex[vkey], bool) if vkey in ex else np.ones(len(pts), bool)
+    lset = landmark_sets.get(_set_of(ex))
+    if len(pts) != len(lset):
+      raise ValueError(f"example {index}: {len(pts)} landmarks for the {len(lset)}-point set "
+                       f"{lset.name!r}")
     rng = np.random.default_rng([cfg.seed & 0xFFFFFFFF, int(epoch), int(index)])
     out = augment.augmented_crop(
         decode_image(ex["image"]), pts, vis, rng, cfg.image_size,
         cfg.augment if cfg.augment is not None else augment.NO_AUGMENT,
-        cfg.crop_scale, cfg.crop_shift_up)
-    out["landmarks_visible"] = out["landmarks_visible"].astype(np.float32)
+        cfg.crop_scale, cfg.crop_shift_up, flip_permutation=lset.flip_permutation,
+        box=self._box(ex))
+    out["landmarks"], out["landmarks_visible"] = landmark_sets.pad(
+        out["landmarks"], out["landmarks_visible"])
+    out["landmark_set"] = np.int32(landmark_sets.INDEX[lset.name])
     out["index"] = np.int32(index)
     for key in cfg.extra_keys:
       out[key] = np.asarray(ex[key])
     return out
+
+  def _box(self, ex):
+    """The crop box from an example's "box_landmarks" (K, 2) when it has them (points that
+    frame the face like 68-point labels, e.g. AFLW-21 examples' pseudo-68 fit), else None
+    (the box of its visible landmarks)."""
+    if "box_landmarks" not in ex:
+      return None
+    cfg = self.config
+    return augment.face_box(np.asarray(ex["box_landmarks"], np.float32), None, cfg.crop_scale,
+                            cfg.crop_shift_up)
 
   def _batch(self, rows):
     b = self.config.batch_size
