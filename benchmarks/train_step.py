@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dff3d import landmark_sets
 from dff3d import morphable_model as mm
 from dff3d import train
 from dff3d.models import dff as dff_lib
@@ -25,6 +26,8 @@ from experiments import configs
 _CONFIGS = flags.DEFINE_list("configs", ["cpu", "paper"], "Configs to time.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Override the configs' batch size.")
+_WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0 "
+                             "(L_land only: no rendering).")
 
 
 def dff_for(config):
@@ -42,17 +45,22 @@ def main(_):
     config = configs.get_config(name)
     if _BATCH.value:
       config = config.replace(batch_size=_BATCH.value)
+    if _WEIGHTS.value:
+      config = config.replace(weights=train.parse_weights(config.weights, _WEIGHTS.value))
     net = train.make_network(config, model)
     tx, _ = train.make_optimizer(config, 100)
-    dff_fn, dff_kind = dff_for(config) if config.use_dff else (None, "none")
+    use_dff = config.use_dff and config.weights.dff > 0
+    dff_fn, dff_kind = dff_for(config) if use_dff else (None, "none")
     state = train.create_train_state(jax.random.PRNGKey(0), net, tx, config.image_size)
     rng = np.random.default_rng(0)
     s, b = config.image_size, config.batch_size
     batch = {"image": jnp.asarray(rng.uniform(size=(b, s, s, 3)), jnp.float32),
              "landmarks": jnp.asarray(rng.uniform(0.3 * s, 0.7 * s, (b, 68, 2)), jnp.float32),
-             "landmarks_visible": jnp.ones((b, 68), jnp.float32)}
-    step = lambda st: train.train_step(st, batch, jnp.float32(1.0), model, net=net, tx=tx,
-                                       config=config, dff_fn=dff_fn)
+             "landmarks_visible": jnp.ones((b, 68), jnp.float32),
+             "landmark_set": jnp.zeros((b,), jnp.int32)}
+    table = landmark_sets.set_table(model)
+    step = lambda st: train.train_step(st, batch, jnp.float32(1.0), model, table, net=net,
+                                       tx=tx, config=config, dff_fn=dff_fn)
     t = time.perf_counter()
     state, aux = step(state)
     jax.block_until_ready(aux)
@@ -66,6 +74,7 @@ def main(_):
     med = float(np.median(times))
     print(json.dumps({"config": name, "backbone": config.backbone, "width": config.width,
                       "image_size": s, "batch": b, "dff": dff_kind,
+                      "photo": config.weights.photo > 0,
                       "images_per_s": round(b / med, 2), "step_ms": round(med * 1000, 1),
                       "compile_s": round(first - med, 2),
                       "device": jax.devices()[0].device_kind}), flush=True)

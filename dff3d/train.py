@@ -4,9 +4,12 @@ No flags here (experiments/train.py holds them). Data parallel with jax.sharding
 split over all local devices along its first axis, parameters are replicated, and XLA inserts
 the gradient all-reduce; one CPU device works unchanged.
 
-Per epoch the loop accumulates each landmark's mean normalised error; from
-`config.land_error_start_epoch` on, L_land_error weights the inner points by the previous
-epoch's errors (paper: from epoch 6, i.e. index 5 counting from 0).
+Landmarks come as named point sets (dff3d.landmark_sets): every batch row carries its set
+index, so iBUG-68 examples (synthetic, 300W-LP, CelebA) and AFLW-21 examples (real AFLW crops)
+train in one loop. Per epoch the loop accumulates each point's mean normalised error over the
+examples where it is labelled, per set; from `config.land_error_start_epoch` on,
+L_land_error weights each set's inner points by the previous epoch's errors (paper: from epoch
+6, i.e. index 5 counting from 0).
 """
 
 import dataclasses
@@ -25,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from dff3d import coefficients as coeffs_lib
-from dff3d import landmarks as lm
+from dff3d import landmark_sets
 from dff3d import losses
 from dff3d import metrics
 from dff3d import morphable_model as mm
@@ -54,11 +57,17 @@ class TrainConfig:
   flip_prob: float = 0.5
   max_rotation_deg: float = 30.0
   colour_range: tuple = (0.7, 1.3)
-  data: str = "synthetic"          # "synthetic" or comma-separated TFDS dataset dirs
+  data: str = "synthetic"          # "synthetic", "aflw" (real crops) or TFDS dataset dirs
   synthetic_train: int = 20000
   synthetic_val: int = 256
   synthetic_render_size: int = 0   # 0: image_size * 1.25 (the crop then resamples)
-  val_data: str = ""               # TFDS dir for validation ("" -> synthetic held-out set)
+  val_data: str = ""               # TFDS dir for validation ("" -> a held-out part of data)
+  aflw_dir: str = "../shared/data/aflw_3ddfa"  # data="aflw": the 3DDFA AFLW layout
+  aflw_pseudo68: str = ""          # .npz of data_prep.aflw_pseudo68 (crop boxes, 68 labels)
+  aflw_labels: str = "pts21"       # "pts21" (the 21 hand points) or "pseudo68" (fitted 68)
+  aflw_max_train: int = 0          # use only the first N training crops (0: all)
+  synthetic_mix: int = 0           # data="aflw": add this many synthetic faces to training
+  dev_dir: str = ""                # AFLW2000-3D folder validated every epoch ("" -> none)
   log_every_steps: int = 20
   eval_every_steps: int = 500
   checkpoint_every_steps: int = 0  # 0: at epoch ends (and on request) only
@@ -74,8 +83,10 @@ class TrainState:
   """Everything that changes during training, as one pytree (checkpointed whole).
 
   step: () int32 global step.  params, opt_state: network and Adam state.
-  point_error: (68,) previous epoch's mean normalised error per landmark (L_land_error).
-  error_sum: (68,), error_count: () accumulators of the current epoch.
+  point_error: (S, 68) previous epoch's mean normalised error of each point of each landmark
+    set (L_land_error; 1 before the first epoch and where a point was never labelled).
+  error_sum: (S, 68), error_count: (S, 68) accumulators of the current epoch (the count is
+    each point's own number of labelled examples).
   """
   step: jnp.ndarray
   params: Any
@@ -103,13 +114,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
 def create_train_state(key, net, tx, image_size: int) -> TrainState:
   """Fresh state: initialised network, Adam state, zero error statistics."""
   params = net.init(key, jnp.zeros((1, image_size, image_size, 3)))["params"]
+  shape = (len(landmark_sets.SETS), landmark_sets.MAX_POINTS)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    point_error=jnp.ones((68,)), error_sum=jnp.zeros((68,)),
-                    error_count=jnp.zeros(()))
+                    point_error=jnp.ones(shape), error_sum=jnp.zeros(shape),
+                    error_count=jnp.zeros(shape))
 
 
 def end_epoch(state: TrainState) -> TrainState:
-  """Move the epoch's mean per-landmark error into point_error and reset the accumulators."""
+  """Move the epoch's mean error of each point into point_error (points not labelled this
+  epoch keep their old value) and reset the accumulators."""
   mean = state.error_sum / jnp.maximum(state.error_count, 1.0)
   return state.replace(point_error=jnp.where(state.error_count > 0, mean, state.point_error),
                        error_sum=jnp.zeros_like(state.error_sum),
@@ -117,33 +130,44 @@ def end_epoch(state: TrainState) -> TrainState:
 
 
 # ---- loss and steps -------------------------------------------------------------------------
-def compute_losses(params, batch, *, net, model, config: TrainConfig, point_error,
+def compute_losses(params, batch, *, net, model, table, config: TrainConfig, point_error,
                    land_error_on, dff_fn: Optional[Callable] = None):
   """All loss terms for a batch.
 
   Args:
-    batch: "image" (B, S, S, 3), "landmarks" (B, 68, 2) crop pixels, "landmarks_visible"
-      (B, 68) in {0, 1}.
-    point_error: (68,); land_error_on: () float in {0, 1} (traced: no recompilation).
+    batch: "image" (B, S, S, 3), "landmarks" (B, 68, 2) crop pixels (padded point sets),
+      "landmarks_visible" (B, 68) in {0, 1}, "landmark_set" (B,) int set index.
+    table: landmark_sets.SetTable of `model`.
+    point_error: (n_sets, 68); land_error_on: () float in {0, 1} (traced: no recompilation).
     dff_fn: frozen DFF (images -> unit descriptors) or None.
   Returns:
-    (total, aux) with aux holding each unweighted term, "loss" and "point_error_batch" (68,)
-    (the batch's mean normalised distance per landmark, visible points only) and
-    "point_count" (68,).
+    (total, aux) with aux holding each unweighted term, "loss", "point_error_batch"
+    (n_sets, 68) (summed normalised distance of each labelled point) and "point_count"
+    (n_sets, 68) (how many examples label it).
   """
   s = config.image_size
   w = config.weights
   images = batch["image"]
   x = net.apply({"params": params}, images)
   c = coeffs_lib.split(x, model.sizes)
-  r = render_lib.render(model, c, (s, s), background=images)
-  vis = batch["landmarks_visible"]
-  weights = jnp.asarray(lm.landmark_weights())[None] * vis
+  needs_render = w.photo > 0 or (dff_fn is not None)
+  if needs_render:
+    r = render_lib.render(model, c, (s, s), background=images)
+    screen = r.screen_vertices
+  else:  # L_land (+ L_land_error, L_reg) only: no rasterisation needed
+    _, screen, _ = render_lib.camera_vertices(model, c, (s, s))
+  sets = (batch["landmark_set"].astype(jnp.int32) if "landmark_set" in batch
+          else jnp.zeros(images.shape[:1], jnp.int32))  # iBUG-68 by default
+  pred = landmark_sets.points(screen, table, sets)[..., :2]   # (B, 68, 2)
+  target = batch["landmarks"]
+  vis = batch["landmarks_visible"] * (table.weights[sets] > 0)
+  weights = table.weights[sets] * vis
+  err_weights = point_error[sets] * table.inner[sets] * vis
   terms = {
-      "land": losses.landmark_loss(r.landmarks_2d, batch["landmarks"], weights, s),
-      "land_error": losses.landmark_error_loss(r.landmarks_2d, batch["landmarks"] * 1.0,
-                                               point_error, s) * land_error_on,
-      "photo": losses.photometric_loss(images, r.image, r.skin_mask),
+      "land": losses.landmark_loss(pred, target, weights, s),
+      "land_error": losses.landmark_loss(pred, target, err_weights, s) * land_error_on,
+      "photo": (losses.photometric_loss(images, r.image, r.skin_mask) if needs_render
+                else jnp.zeros(())),
       "reg": losses.weighted_regularization(c, w),
   }
   total = (w.land * terms["land"] + w.land_error * terms["land_error"]
@@ -155,29 +179,30 @@ def compute_losses(params, batch, *, net, model, config: TrainConfig, point_erro
     d_ren = dff_lib.sample_descriptors(dff_fn(r.image), r.landmarks_2d)
     terms["dff"] = losses.dff_loss(d_img, d_ren, visible)
     total = total + w.dff * terms["dff"]
-  dist = jnp.linalg.norm(r.landmarks_2d - batch["landmarks"], axis=-1) / s  # (B, 68)
+  dist = jnp.linalg.norm(pred - target, axis=-1) / s * vis  # (B, 68)
+  one_hot = jax.nn.one_hot(sets, len(landmark_sets.SETS), dtype=dist.dtype)  # (B, n_sets)
   aux = dict(terms, loss=total,
-             point_error_batch=jnp.sum(dist * vis, 0),
-             point_count=jnp.sum(vis, 0))
+             point_error_batch=jnp.einsum("bs,bk->sk", one_hot, dist),
+             point_count=jnp.einsum("bs,bk->sk", one_hot, vis))
   return total, aux
 
 
 @functools.partial(jax.jit, static_argnames=("net", "tx", "config", "dff_fn"),
                    donate_argnums=(0,))
-def train_step(state: TrainState, batch, land_error_on, model, *, net, tx, config, dff_fn):
-  """One Adam step (jitted; the arrays of `model` are arguments, the rest static); returns
-  (state, metrics of scalars)."""
+def train_step(state: TrainState, batch, land_error_on, model, table, *, net, tx, config,
+               dff_fn):
+  """One Adam step (jitted; the arrays of `model` and the landmark-set `table` are arguments,
+  the rest static); returns (state, metrics of scalars)."""
   grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
-  (_, aux), grads = grad_fn(state.params, batch, net=net, model=model, config=config,
-                            point_error=state.point_error, land_error_on=land_error_on,
-                            dff_fn=dff_fn)
+  (_, aux), grads = grad_fn(state.params, batch, net=net, model=model, table=table,
+                            config=config, point_error=state.point_error,
+                            land_error_on=land_error_on, dff_fn=dff_fn)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  count = jnp.maximum(aux.pop("point_count"), 0.0)
+  count = aux.pop("point_count")
   err = aux.pop("point_error_batch")
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                      error_sum=state.error_sum + err,
-                      error_count=state.error_count + jnp.mean(count))
+                      error_sum=state.error_sum + err, error_count=state.error_count + count)
   return new, aux
 
 
@@ -186,16 +211,20 @@ def predict(params, images, *, net, model):
   return coeffs_lib.split(net.apply({"params": params}, images), model.sizes)
 
 
-def predict_landmarks(params, images, *, net, model, image_size):
-  """(B, 68, 2) crop-pixel landmarks of the regressed faces."""
+def predict_landmarks(params, images, *, net, model, image_size, table=None, sets=None):
+  """Crop-pixel landmarks of the regressed faces: (B, 68, 2) iBUG-68 points, or with a
+  landmark-set `table` and per-image `sets` (B,) each image's set (padded to 68)."""
   c = predict(params, images, net=net, model=model)
   cam, screen, _ = render_lib.camera_vertices(model, c, (image_size, image_size))
-  return mm.landmark_points(model, screen)[..., :2]
+  if table is None:
+    return mm.landmark_points(model, screen)[..., :2]
+  return landmark_sets.points(screen, table, sets)[..., :2]
 
 
 @functools.partial(jax.jit, static_argnames=("net", "image_size"))
-def _predict_landmarks_jit(params, images, model, *, net, image_size):
-  return predict_landmarks(params, images, net=net, model=model, image_size=image_size)
+def _predict_landmarks_jit(params, images, sets, model, table, *, net, image_size):
+  return predict_landmarks(params, images, net=net, model=model, image_size=image_size,
+                           table=table, sets=sets)
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -215,17 +244,56 @@ def synthetic_pool(num: int, size: int, seed: int, chunk: int = 32):
   return out
 
 
+class _Subset:
+  """Rows `indices` of a random-access source."""
+
+  def __init__(self, source, indices):
+    self._source, self._idx = source, np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self._idx)
+
+  def __getitem__(self, i):
+    return self._source[int(self._idx[int(i)])]
+
+
+def hold_out(source, fraction: float = 0.02, minimum: int = 16):
+  """(train, validation) parts of one source: every round(1 / fraction)-th example is held
+  out (at least `minimum`), so validation never sees a training example."""
+  n = len(source)
+  stride = max(2, min(int(round(1.0 / fraction)), n // max(minimum, 1)))
+  held = np.arange(0, n, stride)
+  return _Subset(source, np.setdiff1d(np.arange(n), held)), _Subset(source, held)
+
+
 def make_sources(config: TrainConfig):
-  """(train source, validation source) for config.data."""
+  """(train source, validation source) for config.data.
+
+  "synthetic": in-memory pools; "aflw": the real AFLW crops of config.aflw_dir (validation: its
+  held-out split, 21 hand points), plus config.synthetic_mix synthetic faces; otherwise TFDS
+  dirs, validated on config.val_data's "test" split or, without one, on a held-out part of the
+  first dataset's "train" split (never on examples that are trained on)."""
   from dff3d.data import sources
   if config.data == "synthetic":
     size = config.synthetic_render_size or int(round(config.image_size * 1.25))
     train = synthetic_pool(config.synthetic_train, size, config.seed)
     val = synthetic_pool(config.synthetic_val, size, config.seed + 1_000_003)
     return train, val
-  train = sources.ConcatSource(*[sources.open_tfds(d, "train") for d in config.data.split(",")])
-  val_dir = config.val_data or config.data.split(",")[0]
-  return train, sources.open_tfds(val_dir, "test" if config.val_data else "train")
+  if config.data == "aflw":
+    from dff3d.data import real
+    train, val = real.aflw_sources(config.aflw_dir, config.aflw_pseudo68, config.aflw_labels,
+                                   config.aflw_max_train)
+    if config.synthetic_mix:
+      size = config.synthetic_render_size or int(round(config.image_size * 1.25))
+      train = sources.ConcatSource(train, synthetic_pool(config.synthetic_mix, size,
+                                                         config.seed))
+    return train, val
+  dirs = config.data.split(",")
+  if config.val_data:
+    train = sources.ConcatSource(*[sources.open_tfds(d, "train") for d in dirs])
+    return train, sources.open_tfds(config.val_data, "test")
+  first, val = hold_out(sources.open_tfds(dirs[0], "train"))
+  return sources.ConcatSource(first, *[sources.open_tfds(d, "train") for d in dirs[1:]]), val
 
 
 def make_pipelines(config: TrainConfig, train_source, val_source):
@@ -236,20 +304,60 @@ def make_pipelines(config: TrainConfig, train_source, val_source):
   train = pipeline.InputPipeline(train_source, pipeline.PipelineConfig(
       batch_size=config.batch_size, image_size=config.image_size, augment=aug,
       seed=config.seed, num_threads=2, prefetch=4 * config.batch_size))
-  val = pipeline.InputPipeline(val_source, pipeline.eval_config(
-      config.batch_size, image_size=config.image_size, num_threads=2))
+  val = eval_pipeline(config, val_source)
   return train, val
 
 
+def eval_pipeline(config: TrainConfig, source):
+  """Evaluation pipeline (no augmentation, source order, yaw passed through when present)."""
+  from dff3d.data import pipeline
+  extra = ("yaw_deg",) if len(source) and "yaw_deg" in source[0] else ()
+  return pipeline.InputPipeline(source, pipeline.eval_config(
+      config.batch_size, image_size=config.image_size, num_threads=2, extra_keys=extra))
+
+
 # ---- evaluation -----------------------------------------------------------------------------
-def evaluate_nme(predict_fn, val_pipeline) -> float:
-  """Mean 68-point NME (x, y, bbox-normalised: the paper's metric) over a pipeline's epoch."""
-  nmes = []
+def predictions(predict_fn, val_pipeline):
+  """Predicted and labelled points over a pipeline's epoch (padding rows dropped).
+
+  predict_fn: (images (B, S, S, 3), sets (B,)) -> (B, 68, 2). Returns a dict of numpy arrays:
+  "pred", "landmarks" (n, 68, 2), "visible" (n, 68) bool, "landmark_set" (n,), "yaw_deg"
+  (n,) (NaN when the examples have none)."""
+  out = {k: [] for k in ("pred", "landmarks", "visible", "landmark_set", "yaw_deg")}
   for batch in val_pipeline.epoch(0):
-    pred = np.asarray(predict_fn(jnp.asarray(batch["image"], jnp.float32)))
     keep = batch["index"] >= 0
-    nmes.append(metrics.nme_2d(pred[keep], batch["landmarks"][keep]))
-  return float(np.mean(np.concatenate(nmes)))
+    pred = np.asarray(predict_fn(jnp.asarray(batch["image"], jnp.float32),
+                                 jnp.asarray(batch["landmark_set"], jnp.int32)))
+    out["pred"].append(pred[keep])
+    out["landmarks"].append(batch["landmarks"][keep])
+    out["visible"].append(batch["landmarks_visible"][keep] > 0)
+    out["landmark_set"].append(batch["landmark_set"][keep])
+    yaw = batch.get("yaw_deg", np.full(len(keep), np.nan))
+    out["yaw_deg"].append(np.asarray(yaw, np.float64).reshape(-1)[keep])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def nme_of(pred) -> np.ndarray:
+  """(n,) NME per example: over the visible points of its set, normalised by sqrt(w h) of
+  their box (for all-visible 68-point examples this is the AFLW2000-3D metric)."""
+  return metrics.nme_visible(pred["pred"], pred["landmarks"], pred["visible"])
+
+
+def evaluate_nme(predict_fn, val_pipeline) -> float:
+  """Mean NME over a pipeline's epoch (the paper's bbox-normalised metric over each
+  example's labelled points)."""
+  return float(np.nanmean(nme_of(predictions(predict_fn, val_pipeline))))
+
+
+def evaluate_dev(predict_fn, dev_pipeline) -> dict:
+  """AFLW2000-3D figures in the Table-1 layout: "nme_0_30", "nme_30_60", "nme_60_90",
+  "nme_mean" (mean of the group means), "nme_all" (mean over images)."""
+  pred = predictions(predict_fn, dev_pipeline)
+  nme = nme_of(pred)
+  out = {k: v for k, v in metrics.grouped_nme(nme, pred["yaw_deg"]).items()
+         if k.startswith("nme")}
+  out["nme_all"] = float(np.mean(nme))
+  return {k: (float(v) if v is not None and np.isfinite(v) else None) for k, v in out.items()}
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -260,7 +368,12 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3):
 
 
 def save_checkpoint(mngr, state: TrainState, epoch: int, batch_in_epoch: int):
+  """Saves `state` under its step; a step that is already saved (an epoch end that is also a
+  checkpoint_every_steps step, the last step, a stop right after resuming) is left as it is,
+  since it holds the same state."""
   step = int(state.step)
+  if step in mngr.all_steps():
+    return
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(jax.device_get(state)),
       meta=ocp.args.JsonSave({"epoch": epoch, "batch_in_epoch": batch_in_epoch})), force=True)
@@ -278,27 +391,93 @@ def restore_checkpoint(mngr, abstract_state: TrainState):
   return restored.state, int(meta["epoch"]), int(meta["batch_in_epoch"])
 
 
-def load_regressor(checkpoint: str, model: mm.MorphableModel):
-  """A function crops (B, S, S, 3) -> Coefficients from a training workdir (or its
-  checkpoints folder); the config is read from the workdir's config.json."""
+SHIPPED_REGRESSOR = os.path.join(mm.ASSET_DIR, "regressor.npz")
+
+
+def save_params_npz(path: str, params, config: TrainConfig, dtype=np.float16):
+  """Writes network parameters (flattened pytree paths -> arrays in `dtype`) and the config
+  JSON to one .npz (the shipped-weights format)."""
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  arrays = {f"params/{k}": np.asarray(v).astype(dtype) for k, v in flat.items()}
+  np.savez(path, config_json=np.asarray(config_to_json(config)), **arrays)
+
+
+def load_params_npz(path: str):
+  """(params pytree float32, TrainConfig) from save_params_npz's file."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      config = config_from_json(str(z["config_json"]))
+      flat = {k[len("params/"):]: jnp.asarray(z[k], jnp.float32)
+              for k in z.files if k.startswith("params/")}
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"{path}: not a dff3d regressor file ({str(e).splitlines()[0]})") from None
+  return flax.traverse_util.unflatten_dict(flat, sep="/"), config
+
+
+def workdir_params(checkpoint: str, model: mm.MorphableModel):
+  """(params, config) of the latest checkpoint of a training workdir: restores only the
+  parameters (the Adam state and error statistics are not read)."""
   workdir = checkpoint.rstrip("/")
   if os.path.basename(workdir) == "checkpoints":
     workdir = os.path.dirname(workdir)
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: no config.json (expected a training workdir)")
-  config = config_from_json(open(cfg_path).read())
+  with open(cfg_path) as f:
+    config = config_from_json(f.read())
   net = make_network(config, model)
-  tx, _ = make_optimizer(config, 1)
-  abstract = jax.eval_shape(lambda: create_train_state(jax.random.PRNGKey(0), net, tx,
-                                                       config.image_size))
-  restored = restore_checkpoint(checkpoint_manager(workdir), abstract)
-  if restored is None:
+  mngr = checkpoint_manager(workdir)
+  step = mngr.latest_step()
+  if step is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint found")
-  params = restored[0].params
+  abstract = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros(
+      (1, config.image_size, config.image_size, 3)))["params"])
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      {"params": abstract}, restore_args=jax.tree_util.tree_map(
+          lambda _: ocp.RestoreArgs(), {"params": abstract}), partial_restore=True)))
+  return restored.state["params"], config
+
+
+def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableModel] = None):
+  """A jitted function crops (B, S, S, 3) -> Coefficients, with `.image_size` S and
+  `.config`.
+
+  checkpoint: "shipped" (default: dff3d/assets/regressor.npz, trained on real AFLW photos), a
+  .npz written by save_params_npz, or a training workdir (or its checkpoints folder), whose
+  config.json names the network; only the parameters are restored.
+  """
+  model = model if model is not None else mm.default_model()
+  if checkpoint == "shipped":
+    checkpoint = SHIPPED_REGRESSOR
+    if not os.path.isfile(checkpoint):
+      raise FileNotFoundError(f"{checkpoint}: the shipped regressor is missing from the "
+                              "installation")
+  if checkpoint.endswith(".npz"):
+    params, config = load_params_npz(checkpoint)
+  else:
+    params, config = workdir_params(checkpoint, model)
+  net = make_network(config, model)
   fn = jax.jit(lambda images: predict(params, images, net=net, model=model))
   fn.image_size = config.image_size
+  fn.config = config
   return fn
+
+
+def parse_weights(weights: losses.LossWeights, items) -> losses.LossWeights:
+  """`weights` with "name=value" items replaced (e.g. ["photo=0", "dff=0.1"]); ValueError
+  naming the item for an unknown name or a value that is not a number."""
+  fields = set(weights.__dataclass_fields__)
+  new = {}
+  for item in items:
+    name, _, value = item.partition("=")
+    try:
+      if name not in fields:
+        raise ValueError
+      new[name] = float(value)
+    except ValueError:
+      raise ValueError(f"{item!r} is not name=value with a number and a name in "
+                       f"{sorted(fields)}") from None
+  return weights.replace(**new)
 
 
 def config_to_json(config: TrainConfig) -> str:
@@ -347,22 +526,48 @@ def _log(path, record):
     f.write(json.dumps(record) + "\n")
 
 
+def _workdir_pseudo68(config: TrainConfig, workdir: str, verbose: bool) -> str:
+  """The workdir's pseudo-68 labels of config.aflw_dir, fitted and written on first use."""
+  path = os.path.join(workdir, "AFLW_GT_pseudo68.npz")
+  if not os.path.isfile(path):
+    from dff3d.data import real
+    t = time.time()
+    err = real.write_pseudo68(config.aflw_dir, path)
+    if verbose:
+      print(f"pseudo-68 labels: {len(err)} AFLW crops fitted in {time.time() - t:.0f} s "
+            f"(median fit error {100 * np.median(err):.2f}% of the crop) -> {path}")
+  return path
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[int] = None,
                        sources_override=None, verbose: bool = True,
                        max_seconds: Optional[float] = None):
   """Train (resuming from workdir's latest checkpoint) and evaluate; returns the final state.
 
   max_seconds bounds the training time (data preparation not counted); the run checkpoints
-  and stops when it is spent. Writes workdir/config.json, workdir/metrics.jsonl (one object per logged step: step, epoch,
-  loss, each term, lr, images_per_s; evaluation adds val_nme) and Orbax checkpoints at every
-  epoch end, every checkpoint_every_steps, at the end, and on SIGINT / SIGTERM.
+  and stops when it is spent. Writes workdir/config.json, workdir/metrics.jsonl (one object
+  per logged step: step, epoch, loss, each term, lr, images_per_s; evaluation adds val_nme,
+  the NME over the labelled points of the validation examples; at every epoch end and at the
+  end, with config.dev_dir, "dev" holds the AFLW2000-3D figures of evaluate_dev) and Orbax
+  checkpoints at every epoch end, every checkpoint_every_steps, at the end, and on SIGINT /
+  SIGTERM.
   """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_to_json(config))
+  if config.data == "aflw" and config.aflw_labels == "pseudo68" and not config.aflw_pseudo68:
+    config = config.replace(aflw_pseudo68=_workdir_pseudo68(config, workdir, verbose))
   model = mm.default_model()
   train_src, val_src = sources_override or make_sources(config)
   train_pipe, val_pipe = make_pipelines(config, train_src, val_src)
+  dev_pipe = None
+  if config.dev_dir:
+    from dff3d.data import real
+    dev_src = real.Aflw2000Source(config.dev_dir)
+    for line in dev_src.failures:
+      print(f"dev: skipped {line}")
+    dev_pipe = eval_pipeline(config, dev_src)
+  table = landmark_sets.set_table(model)
   steps_per_epoch = len(train_pipe)
   total_steps = steps_per_epoch * config.num_epochs
   if max_steps is not None:
@@ -391,17 +596,29 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
       print(f"resumed from step {int(state.step)} (epoch {epoch}, batch {skip})")
   state = jax.device_put(state, replicated)
 
-  step_fn = functools.partial(train_step, model=model, net=net, tx=tx, config=config,
-                              dff_fn=dff_fn)
-  pred_fn = functools.partial(_predict_landmarks_jit, model=model, net=net,
+  step_fn = functools.partial(train_step, model=model, table=table, net=net, tx=tx,
+                              config=config, dff_fn=dff_fn)
+  pred_fn = functools.partial(_predict_landmarks_jit, model=model, table=table, net=net,
                               image_size=config.image_size)
+  predictor = lambda: (lambda im, sets: pred_fn(state.params, im, sets))
+
+  def dev_record(epoch_now):
+    if dev_pipe is None:
+      return
+    rec = {"step": int(state.step), "epoch": epoch_now, "dev": evaluate_dev(predictor(), dev_pipe)}
+    _log(metrics_path, rec)
+    if verbose:
+      d = rec["dev"]
+      pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"
+      print(f"dev (AFLW2000-3D, {len(dev_pipe.source)} images) NME % 0-30 {pct(d['nme_0_30'])} "
+            f"30-60 {pct(d['nme_30_60'])} 60-90 {pct(d['nme_60_90'])} mean "
+            f"{pct(d['nme_mean'])}", flush=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   step = start_step = int(state.step)
   t0 = last_t = time.time()
   last_step = step
   if step == 0 and config.eval_every_steps:  # the untrained network's figure, for the curve
-    _log(metrics_path, {"step": 0, "epoch": 0,
-                        "val_nme": evaluate_nme(lambda im: pred_fn(state.params, im), val_pipe)})
+    _log(metrics_path, {"step": 0, "epoch": 0, "val_nme": evaluate_nme(predictor(), val_pipe)})
   with _StopRequest() as stop:
     while step < total_steps and not stop.requested:
       on = jnp.float32(epoch >= config.land_error_start_epoch)
@@ -412,7 +629,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
           finished = False
           break
         batch = {k: jax.device_put(np.asarray(batch[k], np.float32), data_sharding)
-                 for k in ("image", "landmarks", "landmarks_visible")}
+                 for k in ("image", "landmarks", "landmarks_visible")} | {
+                     "landmark_set": jax.device_put(np.asarray(batch["landmark_set"], np.int32),
+                                                    data_sharding)}
         state, aux = step_fn(state, batch, on)
         step += 1
         done_in_epoch += 1
@@ -423,7 +642,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
                      **{k: float(v) for k, v in jax.device_get(aux).items()})
           last_t, last_step = now, step
           if config.eval_every_steps and step % config.eval_every_steps == 0:
-            rec["val_nme"] = evaluate_nme(lambda im: pred_fn(state.params, im), val_pipe)
+            rec["val_nme"] = evaluate_nme(predictor(), val_pipe)
           _log(metrics_path, rec)
           if verbose:
             eta = (total_steps - step) * (now - t0) / max(step - start_step, 1)
@@ -437,14 +656,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
         state = end_epoch(state)
         epoch, skip = epoch + 1, 0
         save_checkpoint(mngr, state, epoch, 0)
+        if epoch < config.num_epochs:
+          _log(metrics_path, {"step": step, "epoch": epoch,
+                              "val_nme": evaluate_nme(predictor(), val_pipe)})
+          dev_record(epoch)
       else:  # max_steps, max_seconds or a stop request: checkpoint where we are
         save_checkpoint(mngr, state, epoch, done_in_epoch)
         break
     if max_seconds is not None and time.time() - t0 > max_seconds and verbose:
       print(f"stopped after {max_seconds / 60:.1f} min (max_seconds)")
   final = {"step": step, "epoch": epoch, "final": True,
-           "val_nme": evaluate_nme(lambda im: pred_fn(state.params, im), val_pipe)}
+           "val_nme": evaluate_nme(predictor(), val_pipe)}
   _log(metrics_path, final)
+  dev_record(epoch)
   if verbose:
     print(f"done: step {step}, val_nme {final['val_nme']*100:.2f}% "
           f"({(time.time() - t0) / 60:.1f} min)")

@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from dff3d import train
 from experiments import configs
 
-_CONFIG = flags.DEFINE_string("config", "cpu", "Config name in experiments/configs (paper, cpu).")
+_CONFIG = flags.DEFINE_string("config", "cpu", "Config name in experiments/configs (paper, cpu, real).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total.")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Stop (and checkpoint) after this many "
@@ -27,6 +27,16 @@ _DFF = flags.DEFINE_bool("use_dff", None, "Override: use the DFF loss.")
 _EVAL = flags.DEFINE_integer("eval_every_steps", None, "Override: evaluation interval.")
 _CKPT = flags.DEFINE_integer("checkpoint_every_steps", None, "Override: checkpoint interval.")
 _SEED = flags.DEFINE_integer("seed", None, "Override: seed.")
+_PSEUDO = flags.DEFINE_string("aflw_pseudo68", None, "Override: pseudo-68 .npz of the AFLW crops.")
+_LABELS = flags.DEFINE_enum("aflw_labels", None, ["pts21", "pseudo68"], "Override: AFLW labels.")
+_AFLW_DIR = flags.DEFINE_string("aflw_dir", None, "Override: 3DDFA AFLW folder.")
+_MAX_TRAIN = flags.DEFINE_integer("aflw_max_train", None, "Override: AFLW training crops used.")
+_MIX = flags.DEFINE_integer("synthetic_mix", None, "Override: synthetic faces added to AFLW.")
+_DEV = flags.DEFINE_string("dev_dir", None, "Override: AFLW2000-3D folder validated per epoch.")
+_DECAY = flags.DEFINE_integer("decay_epoch", None, "Override: epochs before the lr decay.")
+_LE_START = flags.DEFINE_integer("land_error_start_epoch", None,
+                                 "Override: first epoch (0-based) with L_land_error.")
+_WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
 def main(argv):
@@ -39,8 +49,16 @@ def main(argv):
                "num_epochs": _EPOCHS.value, "image_size": _SIZE.value, "data": _DATA.value,
                "val_data": _VAL.value, "synthetic_train": _NTRAIN.value, "use_dff": _DFF.value,
                "eval_every_steps": _EVAL.value, "checkpoint_every_steps": _CKPT.value,
-               "seed": _SEED.value}
+               "seed": _SEED.value, "aflw_pseudo68": _PSEUDO.value, "aflw_labels": _LABELS.value,
+               "aflw_dir": _AFLW_DIR.value, "aflw_max_train": _MAX_TRAIN.value,
+               "synthetic_mix": _MIX.value, "dev_dir": _DEV.value, "decay_epoch": _DECAY.value,
+               "land_error_start_epoch": _LE_START.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+  if _WEIGHTS.value:
+    try:
+      config = config.replace(weights=train.parse_weights(config.weights, _WEIGHTS.value))
+    except ValueError as e:
+      raise app.UsageError(f"--loss_weights: {e}") from None
   train.train_and_evaluate(config, _WORKDIR.value, max_steps=_MAX_STEPS.value,
                            max_seconds=None if _MAX_MINUTES.value is None
                            else 60.0 * _MAX_MINUTES.value)

@@ -1,0 +1,157 @@
+"""Random-access sources of real faces for training and validation (see dff3d.data.sources).
+
+AflwSource: the 3DDFA AFLW crops (dff3d.datasets.aflw_3ddfa), labelled either with their 21
+hand points (set "aflw21", missing points visibility 0) or with pseudo-68 points fitted to
+them (set "ibug68", data_prep/aflw_pseudo68.py). With pseudo-68 points available, every
+example also carries "box_landmarks" (the 68 points) so the pipeline frames the crop exactly as
+it frames 68-point faces (face_box of 68 points, the AFLW2000-3D protocol's box).
+
+Aflw2000Source: AFLW2000-3D images with their 68 ground-truth points (pt3d_68 x, y moved to
+dff3d's pixel-centre convention) and yaw, for validation; a file that does not load is listed in
+`.failures` (one line each) and left out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dff3d import fitting
+from dff3d import landmark_sets
+from dff3d import morphable_model as mm
+from dff3d import render as render_lib
+from dff3d.datasets import aflw2000_3d
+from dff3d.datasets import aflw_3ddfa
+
+_SCREEN = jax.jit(render_lib.camera_vertices, static_argnums=2)
+
+
+def fit_pseudo68(model, landmarks_21, visible_21, crop_size: int, chunk: int = 512):
+  """Fit each crop's 21 points; returns (landmarks_68 (N, 68, 2), fit_error (N,)).
+
+  Args:
+    landmarks_21: (N, 21, 2) crop pixels; visible_21: (N, 21) bool.
+    crop_size: crop side S in pixels (the fit's camera).
+  """
+  config = fitting.FitConfig(image_size=int(crop_size), contour="fixed", photo_steps=0)
+  table = landmark_sets.set_table(model)
+  out68, err = [], []
+  n = len(landmarks_21)
+  for start in range(0, n, chunk):
+    pts = np.asarray(landmarks_21[start:start + chunk], np.float32)
+    vis = np.asarray(visible_21[start:start + chunk], np.float32)
+    m = len(pts)
+    if m < chunk:  # pad to one compiled shape
+      pts = np.concatenate([pts, np.repeat(pts[-1:], chunk - m, 0)])
+      vis = np.concatenate([vis, np.repeat(vis[-1:], chunk - m, 0)])
+    c = fitting.fit_landmarks(model, pts, config, vis, landmark_sets.AFLW21)
+    _, screen, _ = _SCREEN(model, c, (int(crop_size), int(crop_size)))
+    p68 = np.asarray(mm.landmark_points(model, screen)[..., :2])
+    p21 = np.asarray(landmark_sets.points(screen, table, jnp.full((chunk,), 1)))[:, :21, :2]
+    d = np.linalg.norm(p21 - pts, axis=-1)
+    e = (d * vis).sum(1) / np.maximum(vis.sum(1), 1) / crop_size
+    out68.append(p68[:m])
+    err.append(e[:m])
+  return np.concatenate(out68).astype(np.float32), np.concatenate(err).astype(np.float32)
+
+
+_screen = jax.jit(render_lib.camera_vertices, static_argnums=2)
+
+
+def write_pseudo68(aflw_dir, output, chunk: int = 512, limit: int = 0) -> np.ndarray:
+  """Fits every crop of a 3DDFA AFLW folder (the first `limit` when > 0) and writes the
+  pseudo-68 .npz (format: data_prep/aflw_pseudo68.py); returns the fit errors (N,)."""
+  listing = aflw_3ddfa.load_aflw_3ddfa(aflw_dir)
+  n = limit or len(listing.names)
+  p68, err = fit_pseudo68(mm.default_model(), listing.landmarks[:n], listing.visible[:n],
+                          listing.crop_size, chunk)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  tmp = str(output) + ".tmp.npz"
+  np.savez_compressed(tmp, names=np.asarray(listing.names[:n]), landmarks_68=p68,
+                      fit_error=err, visible_21=listing.visible[:n].sum(1).astype(np.int32))
+  os.replace(tmp, output)
+  return err
+
+
+def _read_bytes(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+class AflwSource:
+  """AFLW crops of one split.
+
+  Args:
+    listing: aflw_3ddfa.Aflw3ddfa (load_aflw_3ddfa(dir)).
+    indices: (n,) int rows of the listing (e.g. aflw_3ddfa.split_indices(listing, "train")).
+    pseudo68: optional (N, 68, 2) crop-pixel pseudo-68 points of every listing row.
+    labels: "pts21" or "pseudo68" (needs pseudo68).
+  Examples: "image" (JPEG bytes), "landmarks" (21 or 68, 2), "landmarks_visible", "landmark_set",
+  "yaw_deg", and "box_landmarks" (68, 2) when pseudo68 is given.
+  """
+
+  def __init__(self, listing, indices, pseudo68=None, labels: str = "pts21"):
+    if labels not in ("pts21", "pseudo68"):
+      raise ValueError(f"labels must be 'pts21' or 'pseudo68', got {labels!r}")
+    if labels == "pseudo68" and pseudo68 is None:
+      raise ValueError("labels='pseudo68' needs the pseudo-68 points (data_prep.aflw_pseudo68)")
+    self._listing, self._idx = listing, np.asarray(indices, np.int64)
+    self._p68, self._labels = pseudo68, labels
+
+  def __len__(self):
+    return len(self._idx)
+
+  def __getitem__(self, i):
+    k = int(self._idx[int(i)])
+    ls = self._listing
+    ex = {"image": _read_bytes(ls.image_paths[k]), "yaw_deg": np.float32(ls.yaw_deg[k])}
+    if self._labels == "pseudo68":
+      ex.update(landmarks=self._p68[k], landmarks_visible=np.ones(68, bool),
+                landmark_set="ibug68")
+    else:
+      ex.update(landmarks=ls.landmarks[k], landmarks_visible=ls.visible[k],
+                landmark_set="aflw21")
+    if self._p68 is not None:
+      ex["box_landmarks"] = self._p68[k]
+    return ex
+
+
+def aflw_sources(directory, pseudo68_path: str = "", labels: str = "pts21",
+                 max_train: int = 0):
+  """(train, validation) AflwSources of a 3DDFA AFLW folder (split by aflw_3ddfa.split_of)."""
+  listing = aflw_3ddfa.load_aflw_3ddfa(directory)
+  p68 = aflw_3ddfa.load_pseudo68(pseudo68_path, listing.names)[0] if pseudo68_path else None
+  train = aflw_3ddfa.split_indices(listing, "train")
+  if max_train:
+    train = train[:max_train]
+  val = aflw_3ddfa.split_indices(listing, "validation")
+  return AflwSource(listing, train, p68, labels), AflwSource(listing, val, p68, "pts21")
+
+
+class Aflw2000Source:
+  """AFLW2000-3D images of a folder: "image" (JPEG bytes), "landmarks" (68, 2) (pt3d_68 x, y
+  + 0.5), "landmarks_visible" (all), "landmark_set" "ibug68", "yaw_deg", "name"."""
+
+  def __init__(self, directory):
+    listing = aflw2000_3d.list_aflw2000_3d(directory)
+    self.items, self.failures = [], []
+    for image, mat in listing.pairs:
+      try:
+        lab = aflw2000_3d.load_aflw2000_3d_mat(mat)
+      except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError) as e:
+        self.failures.append(str(e).splitlines()[0])
+        continue
+      self.items.append((Path(image), lab["landmarks_3d"][:, :2] + 0.5, lab["yaw_deg"]))
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    image, pts, yaw = self.items[int(i)]
+    return {"image": _read_bytes(image), "landmarks": pts.astype(np.float32),
+            "landmarks_visible": np.ones(68, bool), "landmark_set": "ibug68",
+            "yaw_deg": np.float32(yaw), "name": image.name}
