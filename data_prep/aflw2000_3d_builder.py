@@ -67,8 +67,11 @@ class Dff3dAflw20003d(common.ManualDirBuilder):
       data, _ = common.image_bytes(image_path)
       pt3d = labels["landmarks_3d"].copy()
       pt3d[:, :2] += 0.5
-      vis = labels["pt2d_visible"]
-      pt2d = np.where(vis[:, None], labels["pt2d"] + 0.5, 0.0).astype(np.float32)
+      if labels["pt2d"] is None:  # irregular pt2d (e.g. (2, 23) in image01198): no AFLW points
+        vis, pt2d = np.zeros(21, bool), np.zeros((21, 2), np.float32)
+      else:
+        vis = labels["pt2d_visible"]
+        pt2d = np.where(vis[:, None], labels["pt2d"] + 0.5, 0.0).astype(np.float32)
       yield image_path.stem, {
           "image": data,
           "image_name": image_path.name,
@@ -79,5 +82,5 @@ class Dff3dAflw20003d(common.ManualDirBuilder):
           "pose": labels["pose"],
           "pt2d_21": pt2d,
           "pt2d_21_visible": vis,
-          "roi": labels["roi"],
+          "roi": labels["roi"] if labels["roi"] is not None else np.zeros(4, np.float32),
       }

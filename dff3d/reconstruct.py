@@ -2,7 +2,9 @@
 
 Array functions behind experiments/reconstruct.py and experiments/evaluate.py: crop each face
 with data.augment.crop_to_landmarks, fit (dff3d.fitting) or regress the coefficients in fixed-
-size batches (one compilation), and map landmarks back to the photo.
+size batches (one compilation), and map landmarks back to the photo. For faces known only by a
+detector's rectangle: box_from_rectangle frames a first crop, regress_from_boxes regresses it,
+re-crops at the predicted landmarks and regresses again.
 """
 
 import functools
@@ -82,34 +84,98 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
   Returns:
     FaceResult per input face, in order.
   """
+  cropped = [augment.crop_to_landmarks(image, pts, config.image_size) for image, pts in faces]
+  return _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn)
+
+
+def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn):
+  """reconstruct_faces on (crop (S, S, 3), target landmarks (68, 2) crop pixels or None,
+  affine (2, 3) photo -> crop) triples; targets are used only by a fit or a refinement."""
   s = config.image_size
-  crops, targets, affines = [], [], []
-  for image, pts in faces:
-    crop, crop_pts, affine = augment.crop_to_landmarks(image, pts, s)
-    crops.append(crop)
-    targets.append(crop_pts[:, :2])
-    affines.append(affine)
   results = []
-  for start in range(0, len(crops), batch_size):
-    idx = list(range(start, min(start + batch_size, len(crops))))
+  for start in range(0, len(cropped), batch_size):
+    idx = list(range(start, min(start + batch_size, len(cropped))))
     padded = idx + [idx[-1]] * (batch_size - len(idx))
-    x = np.stack([crops[i] for i in padded])
-    t = np.stack([targets[i] for i in padded])
-    if regressor is not None:
+    x = np.stack([cropped[i][0] for i in padded])
+    if regressor is None or config.photo_steps > 0:
+      t = np.stack([cropped[i][1][:, :2] for i in padded])
+    if regressor is None:
+      c = fitting.fit(model, x, t, config, dff_fn=dff_fn)
+    else:
       c = regressor(jnp.asarray(x))
       if config.photo_steps > 0:
         c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
-    else:
-      c = fitting.fit(model, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)
     screen_lm = np.asarray(r.screen_vertices[:, model.landmarks])
     for row, i in enumerate(idx):
-      lm3 = landmarks_to_photo(screen_lm[row], affines[i], s)
+      crop, _, affine = cropped[i]
+      lm3 = landmarks_to_photo(screen_lm[row], affine, s)
       results.append(FaceResult(
           coefficients=jax.tree_util.tree_map(lambda a: np.asarray(a[row]), c),
-          crop=crops[i], crop_affine=np.asarray(affines[i], np.float32),
+          crop=crop, crop_affine=np.asarray(affine, np.float32),
           landmarks_2d=lm3[:, :2], landmarks_3d=lm3,
           rendering=np.asarray(r.image[row]), mask=np.asarray(r.skin_mask[row])))
     if on_batch is not None:
       on_batch(len(idx))
   return results
+
+
+# dlib's HOG face rectangle -> a crop box framed like augment.face_box of the face's 68
+# landmarks (scale 1.6, shift_up 0.1). Measured with dlib 20.0 (detect.detect_faces, upsample=1;
+# per image the detection whose centre is nearest the ground truth's) on the real AFLW2000-3D
+# images of shared/data/aflw2000_3d_sample (12 of 16 detected) and aflw2000_3d_dev (170 of
+# 300): medians over the 182 of face_box(ground-truth 68 points) side / rectangle side (the
+# mean of its width and height): 1.520 (sample 1.61, dev 1.52; quartiles 1.42-1.63), and of
+# face_box's centre minus the rectangle's centre in rectangle sides: x 0.034, y 0.016. x
+# follows the yaw (median -0.22 for yaw < -30 degrees, 0.01 within 30, +0.22 beyond +30):
+# the first crop is only approximately framed (median IoU 0.75 with face_box(ground truth)),
+# which is why regress_from_boxes re-crops at its first prediction.
+RECTANGLE_BOX_SCALE = 1.520
+RECTANGLE_BOX_OFFSET = (0.034, 0.016)  # (x, y) in rectangle sides, y down
+
+
+def box_from_rectangle(rectangle, scale: float = RECTANGLE_BOX_SCALE,
+                       offset=RECTANGLE_BOX_OFFSET) -> np.ndarray:
+  """A detector's face rectangle -> the square crop box augment.face_box would give.
+
+  Args:
+    rectangle: (..., 4) x0, y0, x1, y1 outer corners in photo pixels (detect.Face.bbox).
+    scale: box side / rectangle side (the mean of its width and height).
+    offset: (2,) box centre minus rectangle centre, in rectangle sides (x right, y down).
+  Returns:
+    (..., 4) float32 x0, y0, x1, y1 of the square box.
+  """
+  r = np.asarray(rectangle, np.float64)
+  side = ((r[..., 2] - r[..., 0]) + (r[..., 3] - r[..., 1])) / 2
+  centre = (r[..., :2] + r[..., 2:]) / 2 + np.asarray(offset, np.float64) * side[..., None]
+  half = (scale * side / 2)[..., None]
+  return np.concatenate([centre - half, centre + half], -1).astype(np.float32)
+
+
+def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfig,
+                       regressor: Callable, batch_size: int = 8,
+                       on_batch: Optional[Callable[[int], None]] = None,
+                       dff_fn: Optional[Callable] = None) -> List[FaceResult]:
+  """Two passes of a regressor for faces located only by a box (e.g. box_from_rectangle).
+
+  Pass 1 regresses the crop of each box (only approximately framed); pass 2 is
+  reconstruct_faces with pass 1's 68 landmarks (photo pixels): it re-crops at
+  augment.face_box of them, the framing the regressor was trained on, regresses again and,
+  when config.photo_steps > 0, refines towards pass 1's landmarks.
+
+  Args:
+    faces: (image (H, W, 3) float32, box (4,) x0, y0, x1, y1 photo pixels) pairs.
+    config: FitConfig; image_size is the crop side (the regressor's own).
+    regressor, batch_size, on_batch (called in pass 2 only), dff_fn: as reconstruct_faces.
+  Returns:
+    FaceResult per input face, in order (pass 2's).
+  """
+  s = config.image_size
+  cropped = []
+  for image, box in faces:
+    affine = augment.crop_affine(box, s)
+    cropped.append((augment.warp_affine(image, affine, s, s), None, affine))
+  first = _reconstruct_crops(model, cropped, config.replace(photo_steps=0), batch_size,
+                             regressor, None, None)
+  again = [(image, face.landmarks_2d) for (image, _), face in zip(faces, first)]
+  return reconstruct_faces(model, again, config, batch_size, regressor, on_batch, dff_fn)

@@ -1,11 +1,16 @@
 r"""Evaluate on AFLW2000-3D (or AFLW-LFPA) with the paper's protocol (Table 1).
 
   python -m experiments.evaluate --dataset=aflw2000_3d --data_dir=DIR [--checkpoint=CKPT]
-      [--landmarks=detector|ground_truth] [--output_json=results.json]
+      [--face_box=ground_truth|detector] [--landmarks=detector|ground_truth]
+      [--output_json=results.json]
 
-DIR is the dataset as distributed (imageNNNNN.jpg + .mat). With --checkpoint, a trained
-regressor predicts each face from the crop around the ground-truth landmarks (the usual
-protocol of 3DDFA / PRNet: the box is given). Without one, faces are fitted per image
+DIR is the dataset as distributed (imageNNNNN.jpg + .mat). With --checkpoint (a training
+workdir, or `shipped`), a trained regressor predicts each face from a crop at its own input
+size: --face_box=ground_truth crops around the ground-truth landmarks (the usual protocol of
+3DDFA / PRNet: the box is given); --face_box=detector starts from dlib's face rectangle
+(reconstruct.box_from_rectangle), predicts, re-crops around the predicted landmarks and
+predicts again: the photo-only figure (an image without a detection is a failure, counted in
+"faces_not_found"). Without a checkpoint, faces are fitted per image
 (dff3d.fitting) to 68 input landmarks: --landmarks=detector (dlib, the honest setting) or
 ground_truth (an oracle: it measures how well the model can represent the annotation, not
 alignment; the figure issue #7 asks for).
@@ -18,6 +23,8 @@ ICP-aligned (rigid + scale, started from the 68-landmark similarity fit) to each
 cloud, mean point distance normalised by the 68-point box.
 AFLW-LFPA: NME over the visible of its 34 points; it needs --lfpa_vertices, a .npy of the 34
 model vertex ids (the 34-point scheme has no established mapping to the ICT model).
+An image whose labels or pixels cannot be read, or without a detected face, is one line on
+stderr and in "failed_images"; the run goes on.
 """
 
 import os
@@ -38,11 +45,16 @@ from dff3d.datasets import aflw2000_3d, aflw_lfpa
 
 _DATASET = flags.DEFINE_enum("dataset", "aflw2000_3d", ["aflw2000_3d", "aflw_lfpa"], "Dataset.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset folder as distributed.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Regressor training workdir (optional).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Regressor: a training workdir, or "
+                                   "'shipped' (weights in dff3d/assets/) (optional).")
+_FACE_BOX = flags.DEFINE_enum("face_box", "ground_truth", ["ground_truth", "detector"],
+                              "With --checkpoint, the crop box: from the ground-truth 68 "
+                              "landmarks, or from the dlib face rectangle (two passes).")
 _LANDMARKS = flags.DEFINE_enum("landmarks", "detector", ["detector", "ground_truth"],
                                "Input landmarks of the per-image fit (no checkpoint).")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Write the figures here.")
-_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side.")
+_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side of the per-image fit (a "
+                             "checkpoint crops at its regressor's size).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Faces per compiled batch.")
 _PHOTO = flags.DEFINE_integer("photo_steps", 40, "Photometric steps (0 with a checkpoint: "
                               "pure regression).")
@@ -52,14 +64,40 @@ _DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) g
                                 "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
 
 
+class NoFaceDetected(ValueError):
+  """The detector found no face in an image."""
+
+
 def closest_detection(image, gt_points):
-  """The detected face whose landmark centre is nearest the ground truth's, or None."""
+  """The detected face (detect.Face) whose rectangle centre is nearest the centre of the
+  ground-truth points (K, 2); NoFaceDetected when there is none."""
   from dff3d import detect
-  faces = detect.detect_faces(image, upsample=1)
-  if not faces:
-    return None
-  centre = gt_points.mean(0)
-  return min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - centre)).landmarks
+  centre = np.asarray(gt_points).mean(0)
+  distance = lambda f: np.linalg.norm((f.bbox[:2] + f.bbox[2:]) / 2 - centre)
+  face = min(detect.detect_faces(image, upsample=1), key=distance, default=None)
+  if face is None:
+    raise NoFaceDetected("no face detected")
+  return face
+
+
+def locate_face(image, lab, dataset, checkpoint, landmarks, face_box):
+  """What the reconstruction starts from: (68, 2) landmarks (ground truth, or dlib's for the
+  per-image fit with landmarks="detector"), or with a checkpoint and face_box="detector"
+  the (4,) crop box from dlib's rectangle. Raises NoFaceDetected."""
+  if checkpoint and face_box == "detector":
+    return reconstruction.box_from_rectangle(closest_detection(image, lab["gt_2d"]).bbox)
+  if checkpoint or landmarks == "ground_truth":
+    if dataset != "aflw2000_3d":
+      raise ValueError("ground-truth 68 landmarks exist only for AFLW2000-3D")
+    return lab["gt_2d"]
+  return closest_detection(image, lab["gt_2d"]).landmarks
+
+
+def failure_line(path, error):
+  """'path: first line of the error', printed to stderr as a failure and returned."""
+  msg = f"{path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+  print(f"failed: {msg}", file=sys.stderr)
+  return msg
 
 
 def vertices_in_photo(model, face, vertex_ids, image_size, with_depth=False):
@@ -83,23 +121,39 @@ def load_lfpa_vertices(path, model):
   return ids
 
 
+def aflw2000_labels(mat_path):
+  """Labels of one AFLW2000-3D .mat: 'gt_2d' (68, 2), 'gt_3d' (68, 3) (dff3d pixels),
+  'yaw_deg', 'visible' (68,)."""
+  lab = aflw2000_3d.load_aflw2000_3d_mat(mat_path)
+  pt3d = lab["landmarks_3d"].copy()
+  pt3d[:, :2] += 0.5  # 0-based centres -> dff3d convention
+  return {"gt_2d": pt3d[:, :2], "gt_3d": pt3d, "yaw_deg": lab["yaw_deg"],
+          "visible": np.ones(68, bool)}
+
+
+def lfpa_labels(item):
+  """Labels of one AFLW-LFPA item: 'gt_2d' (34, 2), 'visible' (34,), 'yaw_deg'."""
+  lab = aflw_lfpa.load_aflw_lfpa(item)
+  return {"gt_2d": lab["landmarks_34"], "visible": lab["landmarks_34_visible"],
+          "yaw_deg": lab["yaw_deg"]}
+
+
 def load_items(dataset, data_dir):
-  """List of (name, image_path, labels dict with 'gt_2d' (K,2), 'visible', 'yaw_deg', ...)."""
-  items = []
+  """(items, failures): items a list of (image_path, labels dict with 'gt_2d' (K, 2),
+  'visible', 'yaw_deg', ...); failures one line per image whose labels cannot be read."""
   if dataset == "aflw2000_3d":
-    for img, mat in aflw2000_3d.list_aflw2000_3d(data_dir).pairs:
-      lab = aflw2000_3d.load_aflw2000_3d_mat(mat)
-      pt3d = lab["landmarks_3d"].copy()
-      pt3d[:, :2] += 0.5  # 0-based centres -> dff3d convention
-      items.append((img, {"gt_2d": pt3d[:, :2], "gt_3d": pt3d, "yaw_deg": lab["yaw_deg"],
-                          "visible": np.ones(68, bool)}))
+    sources = aflw2000_3d.list_aflw2000_3d(data_dir).pairs  # (image, .mat) paths
+    read = aflw2000_labels
   else:
-    for item in aflw_lfpa.list_aflw_lfpa(data_dir):
-      lab = aflw_lfpa.load_aflw_lfpa(item)
-      items.append((str(item.image), {"gt_2d": lab["landmarks_34"],
-                                      "visible": lab["landmarks_34_visible"],
-                                      "yaw_deg": lab["yaw_deg"]}))
-  return items
+    sources = [(item.image, item) for item in aflw_lfpa.list_aflw_lfpa(data_dir)]
+    read = lfpa_labels
+  items, failures = [], []
+  for image_path, source in sources:
+    try:
+      items.append((str(image_path), read(source)))
+    except Exception as e:  # noqa: BLE001 - one line per broken file, the run goes on
+      failures.append(failure_line(image_path, e))
+  return items, failures
 
 
 def table(results):
@@ -111,6 +165,13 @@ def table(results):
          f"{pct(results['nme_balanced_mean'])} | {pct(results['nme_3d'])}")
   paper = "paper  |  2.84 |  3.70 |  4.69 |  3.75 |   n/a |  2.19"
   return "\n".join([head, row, paper])
+
+
+def summary(result):
+  """The line printed under the table: images, failures, face box and faces not found."""
+  box = f"face box: {result['face_box']}; " if result["face_box"] else ""
+  return (f"{result['num_images']} images, {result['failures']} failures ({box}"
+          f"{result['faces_not_found']} faces not found)")
 
 
 def dense_nme(model, out, kept, paths, dense_dir, image_size):
@@ -136,40 +197,45 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 
 
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
-             landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None):
-  """Figures dict (see module doc) for a dataset folder."""
+             landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
+             face_box="ground_truth"):
+  """Figures dict (see module doc) for a dataset folder.
+
+  checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
+  train.load_regressor; its regressor's image_size replaces config.image_size.
+  face_box: with a checkpoint, "ground_truth" or "detector" (see module doc).
+  """
+  if face_box == "detector" and not checkpoint:
+    raise ValueError("--face_box=detector needs --checkpoint (the per-image fit takes its "
+                     "landmarks from --landmarks)")
   if dataset == "aflw_lfpa":
     if not lfpa_vertices:
       raise ValueError("AFLW-LFPA needs --lfpa_vertices (a .npy of 34 model vertex ids)")
     lfpa_vertices = load_lfpa_vertices(lfpa_vertices, model)
-  items = load_items(dataset, data_dir)
-  faces, kept, kept_paths, failures = [], [], [], []
-  for path, lab in items:
-    try:
-      image = io.read_image(path)
-      if checkpoint or landmarks == "ground_truth":
-        if dataset != "aflw2000_3d":
-          raise ValueError("ground-truth 68 landmarks exist only for AFLW2000-3D")
-        pts = lab["gt_2d"]
-      else:
-        pts = closest_detection(image, lab["gt_2d"])
-        if pts is None:
-          raise ValueError("no face detected")
-    except Exception as e:  # noqa: BLE001 - one line per failed image, the run goes on
-      msg = f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-      print(f"failed: {msg}", file=sys.stderr)
-      failures.append(msg)
-      continue
-    faces.append((image, pts))
-    kept.append(lab)
-    kept_paths.append(path)
   regressor = None
   if checkpoint:
     from dff3d import train
     regressor = train.load_regressor(checkpoint, model)
-  out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor)
+    config = config.replace(image_size=regressor.image_size)  # crops it was trained on
+  items, failures = load_items(dataset, data_dir)
+  faces, kept, kept_paths, not_found = [], [], [], 0
+  for path, lab in items:
+    try:
+      image = io.read_image(path)
+      faces.append((image, locate_face(image, lab, dataset, checkpoint, landmarks, face_box)))
+    except Exception as e:  # noqa: BLE001 - one line per failed image, the run goes on
+      not_found += isinstance(e, NoFaceDetected)
+      failures.append(failure_line(path, e))
+      continue
+    kept.append(lab)
+    kept_paths.append(path)
+  if checkpoint and face_box == "detector":
+    out = reconstruction.regress_from_boxes(model, faces, config, regressor, batch_size)
+  else:
+    out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor)
   yaw = np.array([lab["yaw_deg"] for lab in kept], np.float64)
-  result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures}
+  result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures,
+            "face_box": face_box if checkpoint else None, "faces_not_found": not_found}
   if dataset == "aflw2000_3d":
     pred = np.stack([f.landmarks_2d for f in out]) if out else np.zeros((0, 68, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 68, 2))
@@ -208,14 +274,14 @@ def main(argv):
   try:
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
-                      _LFPA_VERTICES.value, _DENSE_GT.value)
-  except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError, ValueError) as e:
+                      _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value)
+  except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":
     print(f"AFLW-LFPA NME (34 visible points): {100 * result['nme_lfpa']:.2f}% (paper 3.24%)")
   else:
     print(table(result))
-  print(f"{result['num_images']} images, {result['failures']} failures")
+  print(summary(result))
   if _OUTPUT.value:
     io.write_json(_OUTPUT.value, result)
 

@@ -30,7 +30,8 @@ from experiments.reconstruction_job import list_inputs, run
 
 _INPUT = flags.DEFINE_string("input", None, "Image file, folder, glob or skimage:astronaut.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Output folder.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Regressor checkpoint (optional).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Regressor: a training workdir, a .npz of "
+                                   "experiments.export_regressor, or 'shipped' (optional).")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Crop side for fitting, pixels.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Faces fitted together (one compilation).")
 _PHOTO_STEPS = flags.DEFINE_integer("photo_steps", 40, "Photometric refinement steps.")

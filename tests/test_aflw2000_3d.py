@@ -11,6 +11,7 @@ from dff3d.datasets import (DatasetFormatError, DatasetNotFoundError, list_aflw2
                             load_aflw2000_3d_mat)
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/aflw2000_3d_sample"
+DEV_DIR = SAMPLE_DIR.parent / "aflw2000_3d_dev"
 
 # Pose_Para[0, 1] of each sample file, in degrees (read once from the files and checked by
 # eye: 10 near-frontal, 4 half-profile, 2 near-profile faces), and the |yaw| groups they give.
@@ -88,7 +89,7 @@ def test_optional_fit_parameters_may_be_absent(tmp_path):
   assert "tex_para" not in out and "illum_para" not in out and "shape_para" in out
 
 
-@pytest.mark.parametrize("key", ["pt3d_68", "Pose_Para", "pt2d", "roi"])
+@pytest.mark.parametrize("key", ["pt3d_68", "Pose_Para"])
 def test_missing_required_key(tmp_path, key):
   mat = _fake_mat_dict()
   del mat[key]
@@ -100,14 +101,39 @@ def test_missing_required_key(tmp_path, key):
 
 
 @pytest.mark.parametrize("key,bad", [("pt3d_68", np.zeros((68, 3))),
-                                     ("Pose_Para", np.zeros((1, 6))),
-                                     ("Exp_Para", np.zeros((199, 1)))])
+                                     ("Pose_Para", np.zeros((1, 6)))])
 def test_wrong_shape(tmp_path, key, bad):
   mat = _fake_mat_dict()
   mat[key] = bad
   with pytest.raises(DatasetFormatError, match=rf"image00002\.mat: key '{key}' has shape") as e:
     load_aflw2000_3d_mat(_write(tmp_path / "image00002.mat", mat))
   _one_line(e, "image00002.mat")
+
+
+@pytest.mark.parametrize("key,bad", [("pt2d", np.ones((2, 23))),  # as image01198.mat
+                                     ("pt2d", None), ("pt2d", np.full((2, 21), np.nan)),
+                                     ("roi", np.zeros((1, 5))), ("roi", None)])
+def test_unused_keys_never_reject_a_file(tmp_path, key, bad):
+  mat = _fake_mat_dict()
+  mat[key] = bad
+  if bad is None:
+    del mat[key]
+  out = load_aflw2000_3d_mat(_write(tmp_path / "image01198.mat", mat))
+  np.testing.assert_array_equal(out["landmarks_3d"], mat["pt3d_68"].T)
+  assert out["yaw_deg"] == pytest.approx(np.degrees(0.3), rel=1e-6)
+  assert out[key] is None
+  other = "roi" if key == "pt2d" else "pt2d"
+  assert out[other] is not None  # the well-formed one is kept
+  assert (out["pt2d_visible"] is None) == (key == "pt2d")
+
+
+def test_malformed_fit_parameter_is_left_out(tmp_path):
+  mat = _fake_mat_dict()
+  mat["Exp_Para"] = np.zeros((199, 1))
+  mat["Tex_Para"] = np.zeros((199, 1), np.uint8)  # stored as uint8 in some real files
+  out = load_aflw2000_3d_mat(_write(tmp_path / "image00002.mat", mat))
+  assert "exp_para" not in out
+  assert out["tex_para"].dtype == np.float32 and not out["tex_para"].any()
 
 
 def test_non_finite_landmarks(tmp_path):
@@ -193,3 +219,19 @@ def test_sample_yaw_groups(sample_listing):
   groups = metrics.yaw_groups(yaw)
   np.testing.assert_array_equal(groups, [SAMPLE_YAW_GROUP[s] for s in stems])
   np.testing.assert_array_equal(np.bincount(groups, minlength=3), [10, 4, 2])
+
+
+def test_dev_split_all_load():
+  """Every real file of the 300-image dev split loads; only image01198.mat (pt2d (2, 23))
+  loses its pt2d."""
+  if not DEV_DIR.is_dir():
+    pytest.skip(f"AFLW2000-3D dev split not found at {DEV_DIR} (shared data not present)")
+  listing = list_aflw2000_3d(DEV_DIR)
+  assert len(listing.pairs) == 300
+  no_pt2d = []
+  for _, mat_path in listing.pairs:
+    out = load_aflw2000_3d_mat(mat_path)
+    assert out["landmarks_3d"].shape == (68, 3) and np.isfinite(out["landmarks_3d"]).all()
+    if out["pt2d"] is None:
+      no_pt2d.append(mat_path.name)
+  assert no_pt2d == ["image01198.mat"]

@@ -6,8 +6,10 @@ import scipy.io
 
 import jax.numpy as jnp
 
+from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import fitting, io, synthetic
+from dff3d.data import augment
 from dff3d import reconstruct as reconstruction
 from dff3d import render as render_lib
 from dff3d import morphable_model as mm
@@ -24,11 +26,14 @@ def aflw_dir(tmp_path_factory):
     ex = synthetic.generate(seed=11, index=i, size=96)
     io.write_image(d / f"image{i:05d}.jpg", ex["image"])
     yaw = float(ex["coefficients"][sum(sizes[:3]) + 1])
-    # the true mesh in the photo's pixels, as dense ground truth (x, y, z towards the camera)
+    # the true mesh in the photo's pixels, as dense ground truth: x, y projected, z the
+    # weak-perspective depth in pixels towards the camera, (mean depth - depth) f / mean depth
+    # (built here in NumPy, not with reconstruct.landmarks_to_photo that evaluate uses)
     c = coeffs_lib.split(jnp.asarray(ex["coefficients"])[None], sizes)
-    _, screen, _ = render_lib.camera_vertices(mm.default_model(), c, (96, 96))
-    dense = reconstruction.landmarks_to_photo(np.asarray(screen[0]), np.eye(2, 3), 96)
-    dense[:, :2] -= 0.5
+    cam, screen, _ = render_lib.camera_vertices(mm.default_model(), c, (96, 96))
+    depth = -np.asarray(cam[0, :, 2], np.float64)
+    z = (depth.mean() - depth) * camera.default_focal(96) / depth.mean()
+    dense = np.concatenate([np.asarray(screen[0, :, :2], np.float64) - 0.5, z[:, None]], 1)
     pts = ex["landmarks"] - 0.5  # AFLW2000-3D: 0-based pixel centres
     (d / "dense").mkdir(exist_ok=True)
     np.save(d / "dense" / f"image{i:05d}.npy", dense)
@@ -73,3 +78,118 @@ def test_broken_image_is_a_failure_not_a_crash(aflw_dir, tmp_path):
 def test_lfpa_needs_vertex_ids(tmp_path):
   with pytest.raises(ValueError, match="lfpa_vertices"):
     evaluate.evaluate("aflw_lfpa", str(tmp_path), mm.default_model(), CONFIG, 4)
+
+
+# ---- with a checkpoint: a stub regressor stands in for train.load_regressor ------------------
+
+STUB_SIZE = 48  # the regressor's own crop side, unlike CONFIG.image_size (64)
+
+
+class StubRegressor:
+  """crops (B, S, S, 3) -> the same Coefficients (synthetic face 0's) for every crop; records
+  the crops it is called with."""
+
+  def __init__(self, image_size):
+    self.image_size = image_size
+    self.vector = jnp.asarray(synthetic.generate(seed=11, index=0, size=96)["coefficients"])
+    self.calls = []
+
+  def __call__(self, images):
+    self.calls.append(np.asarray(images))
+    batch = jnp.broadcast_to(self.vector, (images.shape[0],) + self.vector.shape)
+    return coeffs_lib.split(batch, mm.default_model().sizes)
+
+
+@pytest.fixture
+def stub(monkeypatch):
+  from dff3d import train
+  regressor = StubRegressor(STUB_SIZE)
+  regressor.checkpoints = []
+
+  def load_regressor(checkpoint, model):
+    regressor.checkpoints.append(checkpoint)
+    return regressor
+
+  monkeypatch.setattr(train, "load_regressor", load_regressor)
+  return regressor
+
+
+def _copy(src, dst):
+  import shutil
+  for f in src.iterdir():
+    if f.is_file():
+      shutil.copy(f, dst / f.name)
+  return dst
+
+
+def _gt_points(aflw_dir, i):
+  """(68, 2) ground truth of generated image i in dff3d pixels, from its .mat."""
+  return scipy.io.loadmat(aflw_dir / f"image{i:05d}.mat")["pt3d_68"][:2].T + 0.5
+
+
+def test_checkpoint_crops_at_the_regressors_size(aflw_dir, stub):
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="shipped")
+  assert stub.checkpoints == ["shipped"]  # passed through as is
+  assert [c.shape for c in stub.calls] == [(4, STUB_SIZE, STUB_SIZE, 3)]
+  image = io.read_image(aflw_dir / "image00002.jpg")
+  expected = augment.crop_to_landmarks(image, _gt_points(aflw_dir, 2), STUB_SIZE)[0]
+  np.testing.assert_allclose(stub.calls[0][2], expected, atol=1e-5)
+  assert res["num_images"] == 3 and res["failures"] == 0
+  assert res["face_box"] == "ground_truth" and res["faces_not_found"] == 0
+  assert "0 faces not found" in evaluate.summary(res)
+
+
+@pytest.mark.parametrize("broken", ["not_a_mat", "bad_pt3d_68"])
+def test_irregular_mat_loads_and_a_broken_one_is_a_failure(aflw_dir, tmp_path, stub, capsys,
+                                                           broken):
+  d = _copy(aflw_dir, tmp_path)
+  mat = {k: v for k, v in scipy.io.loadmat(d / "image00001.mat").items() if k[0] != "_"}
+  mat["pt2d"] = np.ones((2, 23))  # as the real image01198.mat
+  scipy.io.savemat(d / "image00001.mat", mat)
+  if broken == "not_a_mat":
+    (d / "image00002.mat").write_bytes(b"broken")
+  else:
+    mat["pt3d_68"] = np.zeros((3, 67))
+    scipy.io.savemat(d / "image00002.mat", mat)
+  res = evaluate.evaluate("aflw2000_3d", str(d), mm.default_model(), CONFIG, batch_size=4,
+                          checkpoint="ckpt")
+  assert res["num_images"] == 2 and res["failures"] == 1 and len(res["per_image_nme"]) == 2
+  (line,) = res["failed_images"]
+  assert "image00002" in line and "\n" not in line
+  assert f"failed: {line}" in capsys.readouterr().err
+
+
+def test_detector_face_box_two_passes_and_faces_not_found(aflw_dir, stub, monkeypatch):
+  from dff3d import detect
+  gt = _gt_points(aflw_dir, 0)
+  near = np.concatenate([gt.min(0) + 3, gt.max(0) - 3]).astype(np.float32)
+  decoy = np.array([0, 0, 12, 12], np.float32)
+  face = lambda box: detect.Face(bbox=box, landmarks=np.zeros((68, 2), np.float32))
+  answers = iter([[face(decoy), face(near)], [], [face(near + 2)]])  # images 0, 1, 2
+  monkeypatch.setattr(detect, "detect_faces", lambda image, upsample=1: next(answers))
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="ckpt", face_box="detector")
+  assert res["face_box"] == "detector" and res["faces_not_found"] == 1
+  assert res["num_images"] == 2 and res["failures"] == 1
+  assert res["failed_images"] == [f"{aflw_dir / 'image00001.jpg'}: no face detected"]
+  assert "1 faces not found" in evaluate.summary(res)
+  first, second = stub.calls  # two passes, one batch each
+  s = STUB_SIZE
+  image = io.read_image(aflw_dir / "image00000.jpg")
+  a1 = augment.crop_affine(reconstruction.box_from_rectangle(near), s)
+  np.testing.assert_allclose(first[0], augment.warp_affine(image, a1, s, s), atol=1e-5)
+  # pass 2 crops at face_box of pass 1's landmarks, mapped from the crop to the photo
+  c = coeffs_lib.split(stub.vector[None], mm.default_model().sizes)
+  _, screen, _ = render_lib.camera_vertices(mm.default_model(), c, (s, s))
+  in_crop = np.asarray(screen[0])[np.asarray(mm.default_model().landmarks), :2]
+  scale, shift = a1[0, 0], a1[:, 2]  # crop_affine is a zoom and a shift
+  in_photo = (in_crop - shift) / scale
+  np.testing.assert_allclose(second[0], augment.crop_to_landmarks(image, in_photo, s)[0],
+                             atol=1e-3)
+
+
+def test_detector_face_box_needs_a_checkpoint(aflw_dir):
+  with pytest.raises(ValueError, match="needs --checkpoint"):
+    evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG, 4,
+                      face_box="detector")

@@ -9,8 +9,17 @@ Keys used here (shapes as stored):
 | Pose_Para  | (1, 7)   | pitch, yaw, roll (radians), tx, ty, tz, scale of the 3DMM fit |
 | pt2d       | (2, 21)  | the 21 AFLW landmarks; a missing one has x (or y) = -1        |
 | roi        | (1, 4)   | face box as stored (x1, y1, x2, y2; in the original AFLW photo, so it often falls outside the 450 x 450 crop) |
-| Shape_Para, Exp_Para, Tex_Para | (199,1), (29,1), (199,1) | fitted 3DMM coefficients (optional) |
-| Illum_Para, Color_Para | (1, 10), (1, 7) | fitted illumination and colour (optional)     |
+| Shape_Para, Exp_Para, Tex_Para | (199,1), (29,1), (199,1) | fitted 3DMM coefficients |
+| Illum_Para, Color_Para | (1, 10), (1, 7) | fitted illumination and colour                |
+
+Only pt3d_68 and Pose_Para are required (the benchmark's metric uses them); a file without
+them, or with them malformed, is rejected. The other keys are read when well-formed and left
+out (None, or absent for the fit parameters) otherwise, because the files as distributed are
+not all regular: in the 300-image dev split image01198.mat has pt2d (2, 23); five files
+store Exp_Para (image02832 also Tex_Para and Color_Para) as uint8 zeros, read as float; eleven
+Pose_Para hold pitch or roll beyond 90 degrees and image04157's yaw is 187.8 degrees (the same
+rotation as yaw -7.8; |yaw| > 90 counts in the 60-90 group, metrics.yaw_groups); image02769's
+pt3d_68 reaches x = 460.6, outside the 450-pixel image.
 
 "0-based pixels": pixel i has its centre at coordinate i, as the standard benchmark code uses
 them; dff3d puts pixel centres at i + 0.5 (camera.py), so add 0.5 to compare in dff3d's frame.
@@ -29,9 +38,12 @@ import scipy.io
 _IMAGE_RE = re.compile(r"^image(\d{5})\.jpg$")
 _MAT_RE = re.compile(r"^image(\d{5})\.mat$")
 
-# key -> stored shape; the loader requires these.
-REQUIRED_KEYS = {"pt3d_68": (3, 68), "Pose_Para": (1, 7), "pt2d": (2, 21), "roi": (1, 4)}
-# key -> (stored shape, output name); included in the output when present in the file.
+# key -> stored shape; the loader requires these (the metric uses them).
+REQUIRED_KEYS = {"pt3d_68": (3, 68), "Pose_Para": (1, 7)}
+# key -> stored shape; read when well-formed, else None in the output (nothing uses them to
+# score, so a malformed one never rejects a file).
+UNUSED_KEYS = {"pt2d": (2, 21), "roi": (1, 4)}
+# key -> (stored shape, output name); included in the output when present and well-formed.
 OPTIONAL_KEYS = {
     "Shape_Para": ((199, 1), "shape_para"),
     "Exp_Para": ((29, 1), "exp_para"),
@@ -88,6 +100,14 @@ def _checked(mat: dict, key: str, shape: tuple, name: str) -> np.ndarray:
   return value
 
 
+def _if_valid(mat: dict, key: str, shape: tuple, name: str):
+  """_checked(mat, key, shape, name), or None where that would raise."""
+  try:
+    return _checked(mat, key, shape, name)
+  except DatasetFormatError:
+    return None
+
+
 def load_aflw2000_3d_mat(path) -> dict:
   """Reads one AFLW2000-3D annotation file.
 
@@ -102,36 +122,39 @@ def load_aflw2000_3d_mat(path) -> dict:
       "yaw_deg": () float32, yaw in degrees (what the |yaw| groups use).
       "translation": (3,) float32, Pose_Para[0, 3:6] (tx, ty, tz of the fit).
       "scale": () float32, Pose_Para[0, 6].
-      "pt2d": (21, 2) float32, the AFLW landmarks x, y in pixels (-1 where missing).
-      "pt2d_visible": (21,) bool, False where the AFLW landmark is missing.
-      "roi": (4,) float32, the stored face box.
+      "pt2d": (21, 2) float32, the AFLW landmarks x, y in pixels (-1 where missing);
+        None when the file's pt2d is missing or not a finite (2, 21) array.
+      "pt2d_visible": (21,) bool, False where the AFLW landmark is missing; None with pt2d.
+      "roi": (4,) float32, the stored face box; None when missing or malformed.
       "shape_para" (199,), "exp_para" (29,), "tex_para" (199,), "illum_para" (10,),
-      "color_para" (7,): float32, only when the file holds them.
+      "color_para" (7,): float32, only when the file holds them well-formed.
 
   Raises:
     DatasetNotFoundError: the file does not exist.
-    DatasetFormatError: not a .mat file, a required key missing, a wrong shape or
-      non-finite values; the one-line message names the file.
+    DatasetFormatError: not a .mat file, or pt3d_68 / Pose_Para missing, of a wrong shape or
+      with non-finite values; the one-line message names the file.
   """
   path = Path(path)
   mat = _read_mat(path)
   name = path.name
   arrays = {key: _checked(mat, key, shape, name) for key, shape in REQUIRED_KEYS.items()}
+  unused = {key: _if_valid(mat, key, shape, name) for key, shape in UNUSED_KEYS.items()}
   pose = arrays["Pose_Para"][0]
-  pt2d = arrays["pt2d"].T
+  pt2d = None if unused["pt2d"] is None else unused["pt2d"].T
   out = {
       "landmarks_3d": arrays["pt3d_68"].T.astype(np.float32),
       "pose": pose[:3].astype(np.float32),
       "yaw_deg": np.float32(np.degrees(pose[1])),
       "translation": pose[3:6].astype(np.float32),
       "scale": np.float32(pose[6]),
-      "pt2d": pt2d.astype(np.float32),
-      "pt2d_visible": ~np.any(pt2d == -1.0, axis=1),
-      "roi": arrays["roi"][0].astype(np.float32),
+      "pt2d": None if pt2d is None else pt2d.astype(np.float32),
+      "pt2d_visible": None if pt2d is None else ~np.any(pt2d == -1.0, axis=1),
+      "roi": None if unused["roi"] is None else unused["roi"][0].astype(np.float32),
   }
   for key, (shape, out_name) in OPTIONAL_KEYS.items():
-    if key in mat:
-      out[out_name] = _checked(mat, key, shape, name).reshape(-1).astype(np.float32)
+    value = _if_valid(mat, key, shape, name)
+    if value is not None:
+      out[out_name] = value.reshape(-1).astype(np.float32)
   return out
 
 
