@@ -24,11 +24,27 @@ it prints one line per (network, yaw_diff_max) with
                         descriptors resized back and renormalised).
 With --timing_sizes=96,224 it instead prints forward and forward+backward (w.r.t. the image,
 weights frozen) ms per image of the weights' network.
+
+--mode=real (or both) adds a real-photo, cross-identity measure on AFLW2000-3D (--real_dir,
+default ../shared/data/aflw2000_3d_dev beside the repository):
+
+  python -m benchmarks.dff_correspondence --mode=real --real_sizes=96,120
+
+Every image is cropped with dff3d.data.augment.crop_to_landmarks to its ground-truth 68 points
+(pt3d_68 x, y + 0.5) at each side S of --real_sizes; --real_pairs pairs of different images
+(seed --seed) are drawn for each entry of --real_yaw_diffs (a bound on |yaw_a - yaw_b| in
+degrees, or "all"). Networks: shipped (dff3d/assets/dff.npz at its native 96 px), untrained
+(the same DFFNet, init seed 0, also through 96 px), rgb (L2-normalised colours) and, with
+--dff_path, "file:<basename>" (at --dff_native_size, 0: the crop size). One line per
+(network, size, yaw bound) with real_landmarks_within_5pct (real_cross_identity), landmarks,
+pairs, image_size, yaw_diff_max (null: all pairs), data (the folder's name), seconds.
 """
 
 import argparse
 import functools
 import json
+import os
+import tempfile
 import time
 
 import jax
@@ -36,11 +52,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from dff3d import dff_training
+from dff3d import io as io_lib
+from dff3d import landmarks as landmarks_lib
 from dff3d import morphable_model as mm
 from dff3d import synthetic
+from dff3d.data import augment
+from dff3d.datasets import aflw2000_3d
 from dff3d.models import dff as dff_lib
 
 DEFAULT_WEIGHTS = "dff3d/assets/dff.npz"
+SHIPPED_WEIGHTS = os.path.join(mm.ASSET_DIR, "dff.npz")
+DEFAULT_REAL_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+    "aflw2000_3d_dev"))
 
 
 def median_pitch(position, mask):
@@ -137,6 +161,171 @@ def timing(net, params, size, batch, min_time=2.0):
   return out
 
 
+# ---- real photos: cross-identity landmark correspondence ------------------------------------
+
+@jax.jit
+def _pair_matches(desc, points, pairs):
+  """Flat index in B of the descriptor nearest to A's (bilinear) descriptor at each point.
+
+  desc (N, S, S, D), points (N, K, 2) crop pixels, pairs (P, 2) int (a, b) -> (P, K) int32.
+  """
+  def one(ab):
+    q = dff_lib.sample_descriptors(desc[ab[0]][None], points[ab[0]][None])[0]
+    return dff_training.nearest_pixels(q, desc[ab[1]], chunk=q.shape[0])
+  return jax.lax.map(one, pairs)
+
+
+def describe_all(describe_fn, crops, batch=16):
+  """describe_fn (jitted) over crops (N, S, S, 3) in batches of `batch` (the last padded, so
+  one compilation): (N, S, S, D) float32 jnp array."""
+  fn = jax.jit(describe_fn)
+  n = crops.shape[0]
+  padded = np.pad(np.asarray(crops, np.float32), ((0, (-n) % batch), (0, 0), (0, 0), (0, 0)))
+  parts = [fn(jnp.asarray(padded[i:i + batch])) for i in range(0, len(padded), batch)]
+  return jnp.concatenate(parts)[:n]
+
+
+def real_cross_identity(describe_fn, crops, landmarks, pairs, radius_frac=0.05,
+                        points=landmarks_lib.INNER, batch=16) -> dict:
+  """Cross-identity landmark correspondence of a descriptor between pairs of face crops.
+
+  For each pair (a, b) and each scored landmark inside both crops, A's descriptor bilinearly
+  sampled at A's landmark (dff_lib.sample_descriptors) looks for its nearest descriptor (L2:
+  most cosine-similar for unit descriptors) among ALL S x S pixels of B; a hit when that
+  pixel's centre lies within radius_frac * S of B's same landmark. Points outside either crop
+  ([0, S) in x and y) are skipped.
+
+  Args:
+    describe_fn: images (B, S, S, 3) float32 in [0, 1] -> descriptors (B, S, S, D).
+    crops: (N, S, S, 3) float32 in [0, 1].
+    landmarks: (N, K, 2) float x, y in crop pixels (pixel centres at integer + 0.5).
+    pairs: (P, 2) int indices into crops, (a, b) with a the query crop.
+    radius_frac: hit radius as a fraction of the crop side S.
+    points: indices into K of the landmarks scored (default the 52 INNER of the 68 iBUG
+      points); None: all K.
+    batch: crops described per describe_fn call.
+  Returns:
+    dict: "real_landmarks_within_5pct" (hits / landmarks; named after the default radius),
+    "hits", "landmarks" (scored points), "skipped" (points outside a crop), "pairs",
+    "radius_px".
+  """
+  crops = np.asarray(crops, np.float32)
+  lm = np.asarray(landmarks, np.float32)
+  lm = lm if points is None else lm[:, np.asarray(points)]
+  pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
+  size = crops.shape[1]
+  inside = np.all((lm >= 0) & (lm < size), axis=-1)
+  valid = inside[pairs[:, 0]] & inside[pairs[:, 1]]
+  desc = describe_all(describe_fn, crops, batch)
+  best = np.asarray(_pair_matches(desc, jnp.asarray(lm), jnp.asarray(pairs)))
+  found = np.asarray(dff_training.pixel_centres(size, size), np.float64)[best]
+  err = np.linalg.norm(found - lm[pairs[:, 1]].astype(np.float64), axis=-1)
+  radius = radius_frac * size
+  hits, n = int(np.sum(valid & (err <= radius))), int(valid.sum())
+  return {"real_landmarks_within_5pct": hits / max(n, 1), "hits": hits, "landmarks": n,
+          "skipped": int(valid.size - n), "pairs": len(pairs), "radius_px": radius}
+
+
+def draw_pairs(yaw_deg, n, yaw_diff_max=None, seed=0):
+  """Up to n distinct unordered pairs of different images, |yaw_a - yaw_b| <= yaw_diff_max
+  (None: any), uniformly without replacement, each in a random order: (P, 2) int32."""
+  yaw = np.asarray(yaw_deg, np.float64)
+  a, b = np.triu_indices(len(yaw), 1)
+  if yaw_diff_max is not None:
+    keep = np.abs(yaw[a] - yaw[b]) <= yaw_diff_max
+    a, b = a[keep], b[keep]
+  rng = np.random.default_rng(seed)
+  pick = rng.choice(len(a), size=min(n, len(a)), replace=False)
+  out = np.stack([a[pick], b[pick]], 1)
+  swap = rng.uniform(size=len(out)) < 0.5
+  out[swap] = out[swap, ::-1]
+  return out.astype(np.int32)
+
+
+def load_real_crops(directory, sizes):
+  """AFLW2000-3D images cropped to their ground-truth 68 points (augment.crop_to_landmarks).
+
+  Returns (crops {S: (N, S, S, 3) float32}, landmarks {S: (N, 68, 2) float32 crop pixels},
+  yaw_deg (N,) float32, skipped: names of the .mat files the loader rejected).
+  """
+  crops = {s: [] for s in sizes}
+  lms = {s: [] for s in sizes}
+  yaw, skipped = [], []
+  for img_path, mat_path in aflw2000_3d.list_aflw2000_3d(directory).pairs:
+    try:
+      lab = aflw2000_3d.load_aflw2000_3d_mat(mat_path)
+    except aflw2000_3d.DatasetFormatError:
+      skipped.append(mat_path.name)
+      continue
+    gt = lab["landmarks_3d"][:, :2] + 0.5  # 0-based centres -> dff3d's pixel centres
+    image = io_lib.read_image(img_path)
+    for s in sizes:
+      c, l, _ = augment.crop_to_landmarks(image, gt, s)
+      crops[s].append(c)
+      lms[s].append(l)
+    yaw.append(lab["yaw_deg"])
+  stack = lambda d: {s: np.stack(v) for s, v in d.items()}
+  return stack(crops), stack(lms), np.asarray(yaw, np.float32), skipped
+
+
+def _untrained_like(path, native_size):
+  """A frozen DFF of the same architecture as `path`, init seed 0, loaded like the file (the
+  params go through a float32 temporary .npz so load_frozen_dff's resize path is shared)."""
+  net, _ = dff_lib.load_dff(path)
+  f = 2 ** net.levels
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, f, f, 3)))["params"]
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp_path = os.path.join(tmp, "untrained.npz")
+    dff_lib.save_dff_params(tmp_path, params, net, dtype=np.float32)
+    return dff_lib.load_frozen_dff(tmp_path, native_size)
+
+
+def real_describers(names, dff_path=None, dff_native_size=0):
+  """{network name: (describe_fn, native size or None, weights path or None)}."""
+  native = dff_lib.SHIPPED_NATIVE_SIZE
+  out = {}
+  if "shipped" in names:
+    out["shipped"] = (dff_lib.load_frozen_dff(SHIPPED_WEIGHTS, native), native, SHIPPED_WEIGHTS)
+  if "untrained" in names:
+    out["untrained"] = (_untrained_like(SHIPPED_WEIGHTS, native), native, None)
+  if "rgb" in names:
+    out["rgb"] = (dff_lib.l2_normalize, None, None)
+  if dff_path:
+    size = dff_native_size or None
+    out["file:" + os.path.basename(dff_path)] = (
+        dff_lib.load_frozen_dff(dff_path, size), size, dff_path)
+  return out
+
+
+def run_real(args):
+  """Prints the real-photo lines (see the module docstring)."""
+  sizes = [int(v) for v in args.real_sizes.split(",")]
+  yaws = [None if v == "all" else float(v) for v in args.real_yaw_diffs.split(",")]
+  t = time.time()
+  crops, lms, yaw, skipped = load_real_crops(args.real_dir, sizes)
+  load_seconds = time.time() - t
+  nets = real_describers(args.real_networks.split(","), args.dff_path, args.dff_native_size)
+  pair_lists = {y: draw_pairs(yaw, args.real_pairs, y, args.seed) for y in yaws}
+  for name, (fn, native, weights) in nets.items():
+    for s in sizes:
+      for y, pairs in pair_lists.items():
+        t = time.time()
+        r = real_cross_identity(fn, crops[s], lms[s], pairs)
+        print(json.dumps({
+            "network": name,
+            "real_landmarks_within_5pct": round(r["real_landmarks_within_5pct"], 4),
+            "hits": r["hits"], "landmarks": r["landmarks"], "skipped_points": r["skipped"],
+            "pairs": r["pairs"], "image_size": s, "describe_size": native or s,
+            "yaw_diff_max": y,
+            "mean_abs_yaw_diff": round(float(np.mean(np.abs(yaw[pairs[:, 0]] -
+                                                            yaw[pairs[:, 1]]))), 1),
+            "radius_px": round(r["radius_px"], 3), "points": "inner_52",
+            "data": os.path.basename(os.path.normpath(args.real_dir)), "images": len(yaw),
+            "skipped_files": skipped, "seed": args.seed, "weights": weights,
+            "load_seconds": round(load_seconds, 1),
+            "seconds": round(time.time() - t, 1)}), flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--weights", default=DEFAULT_WEIGHTS)
@@ -153,7 +342,22 @@ def main(argv=None):
   p.add_argument("--timing_sizes", default="",
                  help="e.g. 96,224: only time the weights' network at these sizes")
   p.add_argument("--timing_batch", type=int, default=8)
+  p.add_argument("--mode", default="synthetic", choices=("synthetic", "real", "both"))
+  p.add_argument("--real_dir", default=DEFAULT_REAL_DIR, help="AFLW2000-3D images + .mat")
+  p.add_argument("--real_sizes", default="96", help="crop sides S, e.g. 96,120")
+  p.add_argument("--real_pairs", type=int, default=200)
+  p.add_argument("--real_yaw_diffs", default="30,all",
+                 help="bounds on |yaw_a - yaw_b| in degrees; 'all': no bound")
+  p.add_argument("--real_networks", default="shipped,untrained,rgb")
+  p.add_argument("--dff_path", default=None, help="another DFF .npz: network 'file:<name>'")
+  p.add_argument("--dff_native_size", type=int, default=0,
+                 help="side --dff_path's network runs at (resize); 0: the crop size")
   args = p.parse_args(argv)
+
+  if args.mode in ("real", "both"):
+    run_real(args)
+    if args.mode == "real":
+      return
 
   if args.timing_sizes:
     net, params = dff_lib.load_dff(args.weights)
