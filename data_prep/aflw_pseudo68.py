@@ -16,6 +16,8 @@ data_prep/aflw_3ddfa_builder.py and dff3d.data.real read):
   fit_error    (N,) float32 mean distance of the visible 21 points to the fit, as a fraction of
                the crop side
   visible_21   (N,) int32 count of visible points the fit used
+  coefficients (N, P) float32 the fitted coefficients (dff3d.coefficients layout of the default
+               model): the DFF's real training pairs re-render each crop's face from them
 """
 
 import time

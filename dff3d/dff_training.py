@@ -1,4 +1,4 @@
-"""Training the DFF network on synthetic pairs with known dense correspondence.
+"""Training the DFF network on view pairs with known (or fitted) dense correspondence.
 
 Two renders of the same face (dff3d.synthetic.pose_pairs) share, at every face pixel, the
 surface point on the model's mean face (`mean_face_position`, model units: cm for ICT). For a
@@ -21,7 +21,12 @@ face points and all background pixels are negatives. It is applied in both direc
 B->A). The softmax runs over the whole other image, the same search the benchmark
 (benchmarks/dff_correspondence.py) and a nearest-descriptor match perform.
 
-Everything here is a pure function of arrays; `train_step` / `synthetic_train_step` are jitted
+Real pairs (`real_views`, `mixed_pairs`): two different real crops, each with the model fitted
+to it (dff3d.data.real.fit_pseudo68), rendered like a synthetic view; their pixels correspond
+through the fitted mean-face positions: a dense pseudo-correspondence across identities (the
+original DFF's training data). A batch may mix synthetic pose pairs and real pairs.
+
+Everything here is a pure function of arrays; `train_step` / `mixed_train_step` are jitted
 with a static `LossConfig`. Pixel indices are flat (row * W + col); pixel (row i, column j) has
 its centre at (j + 0.5, i + 0.5) (dff3d's convention).
 """
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from dff3d import coefficients as coeffs_lib
 from dff3d import morphable_model as mm
 from dff3d import synthetic
 from dff3d.models import dff as dff_lib
@@ -274,16 +280,87 @@ Returns (new state, metrics dict of scalars: loss, within_px, valid_anchors, gra
 The input state is donated."""
 
 
+# ---- real pairs ---------------------------------------------------------------------------
+
+VIEW_KEYS = ("image", "mean_face_position", "mask", "vertex_id")
+
+
+def real_views(model: mm.MorphableModel, images, coefficients):
+  """Views of real crops through the morphable model fitted to each (pseudo-correspondence).
+
+  The fitted face is rasterised exactly as synthetic.render_examples renders a synthetic one
+  (that very function; its unused shading is dead code under jit), so every pixel it covers
+  gets its fitted surface point on the model's mean face: two different crops' pixels
+  correspond where their mean-face positions meet, as two renders of one synthetic face do.
+
+  Args:
+    model: the morphable model the coefficients were fitted with.
+    images: (B, S, S, 3) uint8, or float32 in [0, 1]: the real crops.
+    coefficients: (B, P) float32 flat fitted vectors (dff3d.coefficients, model.sizes; e.g.
+      aflw_3ddfa.load_pseudo68_coefficients). The default camera scales with the crop, so a
+      fit at one crop size renders the same face at any S.
+  Returns:
+    dict: image (B, S, S, 3) float32 in [0, 1], mean_face_position (B, S, S, 3) model units
+    (0 off the face), mask (B, S, S) bool (the fitted face's pixels), vertex_id (B, S, S)
+    int32 (-1 off the face).
+  """
+  size = images.shape[1]
+  ex = synthetic.render_examples(model, coeffs_lib.split(coefficients, model.sizes), None, size)
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  return {"image": images, **{k: ex[k] for k in VIEW_KEYS[1:]}}
+
+
+def mixed_pairs(key, model: mm.MorphableModel, batch: int, size: int, max_yaw_diff: float,
+                sampler: synthetic.SamplerConfig = synthetic.SamplerConfig(),
+                real_a=None, real_b=None):
+  """B view pairs: B - R synthetic pose pairs, then R real cross-crop pairs.
+
+  Args:
+    key: PRNG key of the synthetic pairs; batch B, size S, max_yaw_diff, sampler: as
+      synthetic.pose_pairs.
+    real_a, real_b: None (all B synthetic: exactly synthetic.pose_pairs) or dicts of R <= B
+      crops each, "image" (R, S, S, 3) uint8 / float32 and "coefficients" (R, P): pair r is
+      (real_a[r], real_b[r]), two different crops (different people).
+  Returns:
+    (view_a, view_b): dicts of (B, ...) arrays, VIEW_KEYS (all pose_pairs keys when R = 0).
+  """
+  if real_a is None:
+    return synthetic.pose_pairs(key, model, batch, size, max_yaw_diff, sampler)
+  ra = real_views(model, real_a["image"], real_a["coefficients"])
+  rb = real_views(model, real_b["image"], real_b["coefficients"])
+  n_real = ra["image"].shape[0]
+  if n_real > batch or ra["image"].shape[1] != size:
+    raise ValueError(f"{n_real} real pairs of {ra['image'].shape[1]} px for a batch of {batch} "
+                     f"at {size} px")
+  if n_real == batch:
+    return ra, rb
+  sa, sb = synthetic.pose_pairs(key, model, batch - n_real, size, max_yaw_diff, sampler)
+  cat = lambda s, r: {k: jnp.concatenate([s[k], r[k]]) for k in VIEW_KEYS}
+  return cat(sa, ra), cat(sb, rb)
+
+
 @functools.partial(jax.jit, static_argnames=("batch", "size", "max_yaw_diff", "config",
                                              "sampler"), donate_argnums=(0,))
+def mixed_train_step(state, key, model: mm.MorphableModel, batch: int, size: int,
+                     max_yaw_diff: float, config: LossConfig = LossConfig(),
+                     sampler: synthetic.SamplerConfig = synthetic.SamplerConfig(),
+                     real_a=None, real_b=None):
+  """Build B pairs with mixed_pairs (R real ones from real_a / real_b, the rest fresh
+  synthetic pose pairs) and take one train_step on them, in one compiled program.
+  Returns (new state, metrics). The input state is donated."""
+  k_data, k_step = jax.random.split(key)
+  view_a, view_b = mixed_pairs(k_data, model, batch, size, max_yaw_diff, sampler, real_a, real_b)
+  return _train_step(state, view_a, view_b, k_step, config)
+
+
 def synthetic_train_step(state, key, model: mm.MorphableModel, batch: int, size: int,
                          max_yaw_diff: float, config: LossConfig = LossConfig(),
                          sampler: synthetic.SamplerConfig = synthetic.SamplerConfig()):
   """Generate B fresh pose pairs (|yaw difference| uniform up to max_yaw_diff degrees) and take
-  one train_step on them, in one compiled program. Returns (new state, metrics)."""
-  k_data, k_step = jax.random.split(key)
-  view_a, view_b = synthetic.pose_pairs(k_data, model, batch, size, max_yaw_diff, sampler)
-  return _train_step(state, view_a, view_b, k_step, config)
+  one train_step on them, in one compiled program (mixed_train_step without real pairs).
+  Returns (new state, metrics). The input state is donated."""
+  return mixed_train_step(state, key, model, batch, size, max_yaw_diff, config, sampler)
 
 
 # ---- evaluation helpers (used by the benchmark and the tests) ------------------------------

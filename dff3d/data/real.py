@@ -9,17 +9,25 @@ it frames 68-point faces (face_box of 68 points, the AFLW2000-3D protocol's box)
 Aflw2000Source: AFLW2000-3D images with their 68 ground-truth points (pt3d_68 x, y moved to
 dff3d's pixel-centre convention) and yaw, for validation; a file that does not load is listed in
 `.failures` (one line each) and left out.
+
+fit_pseudo68 / write_pseudo68: the landmark-only fit of every AFLW crop (pseudo-68 points and
+coefficients). load_real_crops / real_pair_batch: decoded training-split crops with their
+fitted coefficients, and random cross-identity pairs of them, for the DFF's real pairs
+(dff3d.dff_training.real_views renders their dense pseudo-correspondence).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from dff3d import coefficients as coeffs_lib
 from dff3d import fitting
 from dff3d import landmark_sets
 from dff3d import morphable_model as mm
@@ -30,16 +38,23 @@ from dff3d.datasets import aflw_3ddfa
 _SCREEN = jax.jit(render_lib.camera_vertices, static_argnums=2)
 
 
-def fit_pseudo68(model, landmarks_21, visible_21, crop_size: int, chunk: int = 512):
+def fit_pseudo68(model, landmarks_21, visible_21, crop_size: int, chunk: int = 512,
+                 return_coefficients: bool = False):
   """Fit each crop's 21 points; returns (landmarks_68 (N, 68, 2), fit_error (N,)).
 
   Args:
     landmarks_21: (N, 21, 2) crop pixels; visible_21: (N, 21) bool.
     crop_size: crop side S in pixels (the fit's camera).
+    return_coefficients: also return the fitted coefficients (N, P) float32, the flat
+      dff3d.coefficients vector (model.sizes layout; albedo 0, default lighting). The default
+      camera scales with the crop, so they render the same face at any crop size.
+  Returns:
+    (landmarks_68, fit_error) or, with return_coefficients, (landmarks_68, fit_error,
+    coefficients).
   """
   config = fitting.FitConfig(image_size=int(crop_size), contour="fixed", photo_steps=0)
   table = landmark_sets.set_table(model)
-  out68, err = [], []
+  out68, err, flat = [], [], []
   n = len(landmarks_21)
   for start in range(0, n, chunk):
     pts = np.asarray(landmarks_21[start:start + chunk], np.float32)
@@ -56,25 +71,93 @@ def fit_pseudo68(model, landmarks_21, visible_21, crop_size: int, chunk: int = 5
     e = (d * vis).sum(1) / np.maximum(vis.sum(1), 1) / crop_size
     out68.append(p68[:m])
     err.append(e[:m])
-  return np.concatenate(out68).astype(np.float32), np.concatenate(err).astype(np.float32)
+    flat.append(np.asarray(coeffs_lib.concat(c))[:m])
+  out = np.concatenate(out68).astype(np.float32), np.concatenate(err).astype(np.float32)
+  return out + (np.concatenate(flat).astype(np.float32),) if return_coefficients else out
 
 
-_screen = jax.jit(render_lib.camera_vertices, static_argnums=2)
 
 
 def write_pseudo68(aflw_dir, output, chunk: int = 512, limit: int = 0) -> np.ndarray:
   """Fits every crop of a 3DDFA AFLW folder (the first `limit` when > 0) and writes the
-  pseudo-68 .npz (format: data_prep/aflw_pseudo68.py); returns the fit errors (N,)."""
+  pseudo-68 .npz (format: data_prep/aflw_pseudo68.py, including the fitted "coefficients"
+  (N, P) that re-render each crop's face); returns the fit errors (N,)."""
   listing = aflw_3ddfa.load_aflw_3ddfa(aflw_dir)
   n = limit or len(listing.names)
-  p68, err = fit_pseudo68(mm.default_model(), listing.landmarks[:n], listing.visible[:n],
-                          listing.crop_size, chunk)
+  p68, err, flat = fit_pseudo68(mm.default_model(), listing.landmarks[:n], listing.visible[:n],
+                                listing.crop_size, chunk, return_coefficients=True)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   tmp = str(output) + ".tmp.npz"
   np.savez_compressed(tmp, names=np.asarray(listing.names[:n]), landmarks_68=p68,
-                      fit_error=err, visible_21=listing.visible[:n].sum(1).astype(np.int32))
+                      fit_error=err, visible_21=listing.visible[:n].sum(1).astype(np.int32),
+                      coefficients=flat)
   os.replace(tmp, output)
   return err
+
+
+class RealCrops(NamedTuple):
+  """Decoded real crops with the model fitted to each (load_real_crops).
+
+  names: M crop file names.  images: (M, S, S, 3) uint8.  coefficients: (M, P) float32 flat
+  fitted vectors (dff3d.coefficients).  fit_error: (M,) float32 (fraction of the crop side).
+  """
+  names: list
+  images: np.ndarray
+  coefficients: np.ndarray
+  fit_error: np.ndarray
+
+
+def _decode_resized(path, size: int) -> np.ndarray:
+  """(size, size, 3) uint8 RGB of an image file, resized (bilinear, area-aligned)."""
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    return np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR))
+
+
+def load_real_crops(aflw_dir, pseudo68_path, size: int, max_crops: int = 0,
+                    max_fit_error: float = 0.0, model=None) -> RealCrops:
+  """The training-split AFLW crops that have fitted coefficients, decoded to size x size.
+
+  Args:
+    aflw_dir: the 3DDFA AFLW folder; pseudo68_path: its pseudo-68 .npz with "coefficients"
+      (write_pseudo68; it may cover only some crops).
+    size: output side S (the fitted coefficients hold at any S: the camera scales with it).
+    max_crops: keep the first M (list order) when > 0.
+    max_fit_error: drop crops whose fit error exceeds it when > 0.
+    model: the morphable model of the fit (default: mm.default_model()), to check P.
+  Returns:
+    RealCrops; validation crops (aflw_3ddfa.split_of) are never included.
+  Raises:
+    aflw_3ddfa's DatasetNotFoundError / DatasetFormatError naming the file; ValueError when
+    no crop is left.
+  """
+  model = mm.default_model() if model is None else model
+  listing = aflw_3ddfa.load_aflw_3ddfa(aflw_dir)
+  flat, err, found = aflw_3ddfa.load_pseudo68_coefficients(
+      pseudo68_path, listing.names, coeffs_lib.size(model.sizes))
+  rows = aflw_3ddfa.split_indices(listing, "train")
+  rows = rows[found[rows]]
+  if max_fit_error > 0:
+    rows = rows[err[rows] <= max_fit_error]
+  rows = rows[:max_crops] if max_crops > 0 else rows
+  if not len(rows):
+    raise ValueError(f"{pseudo68_path}: no training crop of {aflw_dir} has coefficients"
+                     + (f" with fit error <= {max_fit_error}" if max_fit_error > 0 else ""))
+  images = np.stack([_decode_resized(listing.image_paths[k], size) for k in rows])
+  return RealCrops(names=[listing.names[k] for k in rows], images=images,
+                   coefficients=flat[rows], fit_error=err[rows])
+
+
+def real_pair_batch(rng: np.random.Generator, crops: RealCrops, count: int):
+  """`count` pairs of two different crops, uniform: (real_a, real_b) dicts of "image"
+  (count, S, S, 3) uint8 and "coefficients" (count, P) (dff_training.mixed_pairs' input)."""
+  n = len(crops.names)
+  if n < 2:
+    raise ValueError(f"real pairs need two crops or more, got {n}")
+  i = rng.integers(0, n, count)
+  j = (i + rng.integers(1, n, count)) % n  # never i
+  pick = lambda k: {"image": crops.images[k], "coefficients": crops.coefficients[k]}
+  return pick(i), pick(j)
 
 
 def _read_bytes(path) -> bytes:

@@ -42,6 +42,9 @@ Optional pseudo-68 labels, `AFLW_GT_pseudo68.npz` (written by a fitting tool, re
                 `landmarks` here), finite
   fit_error     (N,) float32, the tool's fit residual per crop (lower is better; NaN allowed
                 where the fit failed)
+  coefficients  optional (N, P) float32, the fitted flat dff3d.coefficients vectors (the
+                model's layout; they re-render each crop's face at any crop size), read by
+                `load_pseudo68_coefficients`; a fit with a limit covers only some crops
 """
 
 from __future__ import annotations
@@ -261,6 +264,26 @@ def load_aflw_3ddfa(directory) -> Aflw3ddfa:
       crop_box=square.astype(np.float32), crop_size=size)
 
 
+def _read_pseudo68(path) -> tuple[dict, list]:
+  """(arrays, names as str) of a pseudo-68 .npz, or a one-line error naming the file."""
+  path = Path(path)
+  if not path.is_file():
+    raise DatasetNotFoundError(f"{path}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {key: npz[key] for key in npz.files}
+  except (OSError, ValueError, EOFError) as exc:
+    raise DatasetFormatError(f"{path.name}: not a readable .npz of str / float arrays "
+                             f"({_reason(exc)})") from None
+  if "names" not in arrays:
+    raise DatasetFormatError(f"{path.name}: missing array 'names'")
+  stored = arrays["names"]
+  if stored.dtype.kind not in "US" or stored.ndim != 1:
+    raise DatasetFormatError(f"{path.name}: 'names' must be a 1-D str array, got "
+                             f"{stored.dtype} {stored.shape}")
+  return arrays, [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in stored.tolist()]
+
+
 def load_pseudo68(path, names) -> tuple[np.ndarray, np.ndarray]:
   """Reads AFLW_GT_pseudo68.npz (module docstring) in the row order of `names`.
 
@@ -275,22 +298,10 @@ def load_pseudo68(path, names) -> tuple[np.ndarray, np.ndarray]:
       shapes, non-finite landmarks, or names that are not exactly `names`; one line naming it.
   """
   path = Path(path)
-  if not path.is_file():
-    raise DatasetNotFoundError(f"{path}: no such file")
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      arrays = {key: npz[key] for key in npz.files}
-  except (OSError, ValueError, EOFError) as exc:
-    raise DatasetFormatError(f"{path.name}: not a readable .npz of str / float arrays "
-                             f"({_reason(exc)})") from None
-  for key in ("names", "landmarks_68", "fit_error"):
+  arrays, stored = _read_pseudo68(path)
+  for key in ("landmarks_68", "fit_error"):
     if key not in arrays:
       raise DatasetFormatError(f"{path.name}: missing array {key!r}")
-  stored = arrays["names"]
-  if stored.dtype.kind not in "US" or stored.ndim != 1:
-    raise DatasetFormatError(f"{path.name}: 'names' must be a 1-D str array, got "
-                             f"{stored.dtype} {stored.shape}")
-  stored = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in stored.tolist()]
   m = len(stored)
   pts, err = arrays["landmarks_68"], arrays["fit_error"]
   if pts.shape != (m, 68, 2) or err.shape != (m,):
@@ -309,3 +320,50 @@ def load_pseudo68(path, names) -> tuple[np.ndarray, np.ndarray]:
         f"{len(unknown)} rows name no listed crop, {len(repeated)} repeated, e.g. {example}")
   order = np.array([row[name] for name in names], np.int64)
   return pts[order].astype(np.float32), err[order].astype(np.float32)
+
+
+def load_pseudo68_coefficients(path, names, num_coefficients: int = 0):
+  """The fitted coefficients of a pseudo-68 .npz in the row order of `names`.
+
+  Unlike `load_pseudo68` the file may cover only some of `names` (a fit with --limit) and
+  may hold rows of other crops (ignored).
+
+  Args:
+    path: str or Path of the .npz (data_prep.aflw_pseudo68); names: N crop names.
+    num_coefficients: when > 0, the P the caller's model needs (coefficients.size(sizes)).
+
+  Returns:
+    (coefficients (N, P) float32 flat dff3d.coefficients vectors, fit_error (N,) float32,
+    found (N,) bool); rows of names the file lacks are NaN and found False.
+
+  Raises:
+    DatasetNotFoundError: no such file. DatasetFormatError: unreadable, no "coefficients"
+      (files written before they were stored), wrong shapes, non-finite coefficients, or
+      another P than num_coefficients; one line naming the file.
+  """
+  path = Path(path)
+  arrays, stored = _read_pseudo68(path)
+  if "coefficients" not in arrays:
+    raise DatasetFormatError(f"{path.name}: no 'coefficients' array (written before fitted "
+                             f"coefficients were stored); re-run data_prep.aflw_pseudo68")
+  flat, err = arrays["coefficients"], arrays.get("fit_error")
+  m = len(stored)
+  err = np.full((m,), np.nan, np.float32) if err is None else err
+  if flat.ndim != 2 or flat.shape[0] != m or err.shape != (m,):
+    raise DatasetFormatError(f"{path.name}: coefficients {flat.shape} / fit_error {err.shape}, "
+                             f"expected ({m}, P) / ({m},) for {m} names")
+  if num_coefficients and flat.shape[1] != num_coefficients:
+    raise DatasetFormatError(f"{path.name}: coefficients have {flat.shape[1]} entries, the "
+                             f"model needs {num_coefficients} (fitted with another model?)")
+  if not np.all(np.isfinite(flat)):
+    raise DatasetFormatError(f"{path.name}: coefficients contain non-finite values")
+  repeated = _repeated(stored)
+  if repeated:
+    raise DatasetFormatError(f"{path.name}: {len(repeated)} names repeated, e.g. {repeated[0]}")
+  row = {name: k for k, name in enumerate(stored)}
+  order = np.array([row.get(name, -1) for name in names], np.int64)
+  found = order >= 0
+  coefficients = np.full((len(names), flat.shape[1]), np.nan, np.float32)
+  fit_error = np.full((len(names),), np.nan, np.float32)
+  coefficients[found], fit_error[found] = flat[order[found]], err[order[found]]
+  return coefficients, fit_error, found
