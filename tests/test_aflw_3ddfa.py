@@ -362,9 +362,16 @@ def test_builder_rejects_a_crop_of_another_size(tmp_path):
 
 
 def test_build_registers_the_builder():
+  # In a subprocess: data_prep.build defines absl flags (--dataset, ...) that other launchers
+  # imported by the test session define too.
   pytest.importorskip("tensorflow_datasets")
-  from data_prep import build  # pylint: disable=g-import-not-at-top
-  assert build.builder_class("aflw_3ddfa").name == "dff3d_aflw_3ddfa"
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-c", "from data_prep import build; "
+                        "print(build.builder_class('aflw_3ddfa').name)"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "dff3d_aflw_3ddfa"
 
 
 # ---- the real folder ---------------------------------------------------------------------------

@@ -61,6 +61,10 @@ def test_two_devices_match_one():
   moved = 0
   for name, a in one["params"].items():
     a, b = np.asarray(a), np.asarray(two["params"][name])
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
+    # Adam's g / sqrt(v) turns reduction-order rounding of near-zero gradients into up to one
+    # step (lr 3e-4) on a few % of elements (measured: 1.4 %, 3.1e-4); a missing all-reduce
+    # changes most elements.
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-3, err_msg=name)
+    assert np.mean(np.abs(b - a) > 1e-5 + 1e-4 * np.abs(a)) < 0.05, name
     moved += "stage" in name and bool(np.any(a != 0))
   assert moved > 0  # the comparison covers backbone leaves
