@@ -29,6 +29,7 @@ import optax
 
 from dff3d import camera
 from dff3d import coefficients as coeffs_lib
+from dff3d import landmark_sets
 from dff3d import landmarks as lm
 from dff3d import losses
 from dff3d import morphable_model as mm
@@ -145,7 +146,6 @@ class LandmarkProblem(NamedTuple):
 def landmark_problem(model: mm.MorphableModel, with_candidates: bool, landmark_set=None):
   """Gather the model rows of a landmark set's points (default iBUG-68; contour candidates
   only for iBUG-68)."""
-  from dff3d import landmark_sets  # pylint: disable=g-import-not-at-top
   landmark_set = landmark_set or landmark_sets.IBUG68
   vids, mix = landmark_set.vertices(model)
   if landmark_set.name == "ibug68":
@@ -248,7 +248,6 @@ def fit_landmarks(model: mm.MorphableModel, landmarks_2d, config: FitConfig = Fi
   Returns:
     Coefficients (B, ...) with albedo 0 and default lighting.
   """
-  from dff3d import landmark_sets  # pylint: disable=g-import-not-at-top
   landmark_set = landmark_set or landmark_sets.IBUG68
   landmarks_2d = jnp.asarray(landmarks_2d, jnp.float32)
   b, k = landmarks_2d.shape[:2]
