@@ -22,7 +22,7 @@ import numpy as np
 
 from dff3d import detect, fitting, io, metrics
 from dff3d import morphable_model as mm
-from dff3d import reconstruct as reconstruction
+from dff3d import reconstruction
 from dff3d.datasets import aflw2000_3d
 
 _DATA = flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..",

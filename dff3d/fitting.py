@@ -167,22 +167,28 @@ def _project_points(points, rotation, translation, image_size):
   return camera.project(camera.to_camera(points, rotation, translation), focal, pp)
 
 
-def predicted_landmarks(problem: LandmarkProblem, c: coeffs_lib.Coefficients, image_size,
-                        slide: bool):
-  """(B, K, 2) projected landmarks; iBUG-68 contour points slide to the outline when
-  `slide`."""
+def screen_landmarks(problem: LandmarkProblem, c: coeffs_lib.Coefficients, image_size,
+                     slide: bool):
+  """(B, K, 3) projected landmarks (x_px, y_px, depth); iBUG-68 contour points slide to the
+  outline when `slide` (each takes the candidate vertex furthest out in image x)."""
   pts = (problem.mean[None] + jnp.einsum("bk,kvc->bvc", c.identity, problem.identity)
          + jnp.einsum("bk,kvc->bvc", c.expression, problem.expression))
-  scr = _project_points(pts, c.rotation, c.translation, image_size)[..., :2]
+  scr = _project_points(pts, c.rotation, c.translation, image_size)
   out = jnp.sum(scr[:, problem.fixed] * problem.mix[None, ..., None], axis=2)
   if slide and problem.candidates.shape[0]:
-    cand = scr[:, problem.candidates]  # (B, 16, C, 2)
+    cand = scr[:, problem.candidates]  # (B, 16, C, 3)
     right = jnp.asarray(lm.CONTOUR < 8)[None, :, None]  # subject's right: smallest image x
     key = jnp.where(right, cand[..., 0], -cand[..., 0])
     pick = jax.lax.stop_gradient(jnp.argmin(key, -1))
     chosen = jnp.take_along_axis(cand, pick[..., None, None], 2)[:, :, 0]
     out = out.at[:, lm.CONTOUR].set(chosen)
   return out
+
+
+def predicted_landmarks(problem: LandmarkProblem, c: coeffs_lib.Coefficients, image_size,
+                        slide: bool):
+  """(B, K, 2) projected landmarks: screen_landmarks without the depth."""
+  return screen_landmarks(problem, c, image_size, slide)[..., :2]
 
 
 def _to_coefficients(x0, u):

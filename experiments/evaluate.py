@@ -8,7 +8,7 @@ DIR is the dataset as distributed (imageNNNNN.jpg + .mat). With --checkpoint (a 
 workdir, or `shipped`), a trained regressor predicts each face from a crop at its own input
 size: --face_box=ground_truth crops around the ground-truth landmarks (the usual protocol of
 3DDFA / PRNet: the box is given); --face_box=detector starts from dlib's face rectangle
-(reconstruct.box_from_rectangle), predicts, re-crops around the predicted landmarks and
+(detect.box_from_rectangle), predicts, re-crops around the predicted landmarks and
 predicts again: the photo-only figure (an image without a detection is a failure, counted in
 "faces_not_found"). Without a checkpoint, faces are fitted per image
 (dff3d.fitting) to 68 input landmarks: --landmarks=detector (dlib, the honest setting) or
@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dff3d import detect
 from dff3d import fitting
 from dff3d import io
 from dff3d import metrics
 from dff3d import morphable_model as mm
-from dff3d import reconstruct as reconstruction
+from dff3d import reconstruction
 from dff3d import render as render_lib
 from dff3d.datasets import aflw2000_3d, aflw_lfpa
 
@@ -59,6 +60,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Faces per compiled batch.")
 _PHOTO = flags.DEFINE_integer("photo_steps", 40, "Photometric steps (0 with a checkpoint: "
                               "pure regression).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the balanced subset.")
+_DETECTOR = flags.DEFINE_enum("detector", "auto", ["auto", "cnn", "hog", "both"], "Face detector of "
+                              "--face_box=detector and --landmarks=detector (detect.py).")
+_REFINE = flags.DEFINE_integer("refine_steps", 0, "With --checkpoint: photometric refinement "
+                               "steps after the regressor (as experiments.reconstruct).")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
 _DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) ground-truth "
                                 "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
@@ -68,29 +73,29 @@ class NoFaceDetected(ValueError):
   """The detector found no face in an image."""
 
 
-def closest_detection(image, gt_points):
-  """The detected face (detect.Face) whose rectangle centre is nearest the centre of the
+def closest_detection(image, gt_points, detector="auto"):
+  """The detected face (detect.Box) whose rectangle centre is nearest the centre of the
   ground-truth points (K, 2); NoFaceDetected when there is none."""
-  from dff3d import detect
   centre = np.asarray(gt_points).mean(0)
-  distance = lambda f: np.linalg.norm((f.bbox[:2] + f.bbox[2:]) / 2 - centre)
-  face = min(detect.detect_faces(image, upsample=1), key=distance, default=None)
-  if face is None:
+  distance = lambda b: np.linalg.norm((b.rect[:2] + b.rect[2:]) / 2 - centre)
+  box = min(detect.detect_boxes(image, detector), key=distance, default=None)
+  if box is None:
     raise NoFaceDetected("no face detected")
-  return face
+  return box
 
 
-def locate_face(image, lab, dataset, checkpoint, landmarks, face_box):
-  """What the reconstruction starts from: (68, 2) landmarks (ground truth, or dlib's for the
-  per-image fit with landmarks="detector"), or with a checkpoint and face_box="detector"
-  the (4,) crop box from dlib's rectangle. Raises NoFaceDetected."""
+def locate_face(image, lab, dataset, checkpoint, landmarks, face_box, detector="auto"):
+  """What the reconstruction starts from: (68, 2) landmarks (ground truth, or dlib's in the
+  detected box for the per-image fit with landmarks="detector"), or with a checkpoint and
+  face_box="detector" the (4,) crop box of the detected box (detect.crop_box). Raises
+  NoFaceDetected."""
   if checkpoint and face_box == "detector":
-    return reconstruction.box_from_rectangle(closest_detection(image, lab["gt_2d"]).bbox)
+    return detect.crop_box(closest_detection(image, lab["gt_2d"], detector))
   if checkpoint or landmarks == "ground_truth":
     if dataset != "aflw2000_3d":
       raise ValueError("ground-truth 68 landmarks exist only for AFLW2000-3D")
     return lab["gt_2d"]
-  return closest_detection(image, lab["gt_2d"]).landmarks
+  return detect.landmarks_in_box(image, closest_detection(image, lab["gt_2d"], detector))
 
 
 def failure_line(path, error):
@@ -198,12 +203,13 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
-             face_box="ground_truth"):
+             face_box="ground_truth", detector="auto"):
   """Figures dict (see module doc) for a dataset folder.
 
   checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
   train.load_regressor; its regressor's image_size replaces config.image_size.
   face_box: with a checkpoint, "ground_truth" or "detector" (see module doc).
+  detector: detect.detect_boxes's detector for face_box="detector" / landmarks="detector".
   """
   if face_box == "detector" and not checkpoint:
     raise ValueError("--face_box=detector needs --checkpoint (the per-image fit takes its "
@@ -222,7 +228,8 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
   for path, lab in items:
     try:
       image = io.read_image(path)
-      faces.append((image, locate_face(image, lab, dataset, checkpoint, landmarks, face_box)))
+      faces.append((image, locate_face(image, lab, dataset, checkpoint, landmarks, face_box,
+                                       detector)))
     except Exception as e:  # noqa: BLE001 - one line per failed image, the run goes on
       not_found += isinstance(e, NoFaceDetected)
       failures.append(failure_line(path, e))
@@ -235,7 +242,9 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor)
   yaw = np.array([lab["yaw_deg"] for lab in kept], np.float64)
   result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures,
-            "face_box": face_box if checkpoint else None, "faces_not_found": not_found}
+            "face_box": face_box if checkpoint else None, "faces_not_found": not_found,
+            "detector": detector if (face_box == "detector" or not checkpoint) else None,
+            "refine_steps": config.photo_steps if checkpoint else None}
   if dataset == "aflw2000_3d":
     pred = np.stack([f.landmarks_2d for f in out]) if out else np.zeros((0, 68, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 68, 2))
@@ -265,16 +274,29 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
   return result
 
 
+def json_safe(value):
+  """The result with every non-finite float (an all-missing group's NaN) as None: JSON has
+  no NaN."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return None
+  return value
+
+
 def main(argv):
   del argv
   if not _DATA_DIR.value:
     raise app.UsageError("--data_dir is required")
   config = fitting.FitConfig(image_size=_SIZE.value, contour="fixed",
-                             photo_steps=0 if _CHECKPOINT.value else _PHOTO.value)
+                             photo_steps=_REFINE.value if _CHECKPOINT.value else _PHOTO.value)
   try:
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
-                      _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value)
+                      _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value,
+                      _DETECTOR.value)
   except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":
@@ -283,7 +305,7 @@ def main(argv):
     print(table(result))
   print(summary(result))
   if _OUTPUT.value:
-    io.write_json(_OUTPUT.value, result)
+    io.write_json(_OUTPUT.value, json_safe(result))
 
 
 if __name__ == "__main__":

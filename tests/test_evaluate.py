@@ -10,7 +10,6 @@ from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import fitting, io, synthetic
 from dff3d.data import augment
-from dff3d import reconstruct as reconstruction
 from dff3d import render as render_lib
 from dff3d import morphable_model as mm
 from experiments import evaluate
@@ -165,9 +164,9 @@ def test_detector_face_box_two_passes_and_faces_not_found(aflw_dir, stub, monkey
   gt = _gt_points(aflw_dir, 0)
   near = np.concatenate([gt.min(0) + 3, gt.max(0) - 3]).astype(np.float32)
   decoy = np.array([0, 0, 12, 12], np.float32)
-  face = lambda box: detect.Face(bbox=box, landmarks=np.zeros((68, 2), np.float32))
+  face = lambda box: detect.Box(rect=box, score=1.0, source="hog")
   answers = iter([[face(decoy), face(near)], [], [face(near + 2)]])  # images 0, 1, 2
-  monkeypatch.setattr(detect, "detect_faces", lambda image, upsample=1: next(answers))
+  monkeypatch.setattr(detect, "detect_boxes", lambda image, detector="auto": next(answers))
   res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
                           batch_size=4, checkpoint="ckpt", face_box="detector")
   assert res["face_box"] == "detector" and res["faces_not_found"] == 1
@@ -177,7 +176,7 @@ def test_detector_face_box_two_passes_and_faces_not_found(aflw_dir, stub, monkey
   first, second = stub.calls  # two passes, one batch each
   s = STUB_SIZE
   image = io.read_image(aflw_dir / "image00000.jpg")
-  a1 = augment.crop_affine(reconstruction.box_from_rectangle(near), s)
+  a1 = augment.crop_affine(detect.box_from_rectangle(near), s)
   np.testing.assert_allclose(first[0], augment.warp_affine(image, a1, s, s), atol=1e-5)
   # pass 2 crops at face_box of pass 1's landmarks, mapped from the crop to the photo
   c = coeffs_lib.split(stub.vector[None], mm.default_model().sizes)
@@ -193,3 +192,10 @@ def test_detector_face_box_needs_a_checkpoint(aflw_dir):
   with pytest.raises(ValueError, match="needs --checkpoint"):
     evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG, 4,
                       face_box="detector")
+
+
+def test_json_safe_replaces_non_finite_floats(tmp_path):
+  out = evaluate.json_safe({"a": float("nan"), "b": [1.0, np.float32("inf"), 2], "c": None,
+                            "d": {"e": np.float64(3.5)}})
+  assert out == {"a": None, "b": [1.0, None, 2], "c": None, "d": {"e": 3.5}}
+  io.write_json(tmp_path / "r.json", out)  # strict JSON now

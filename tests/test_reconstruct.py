@@ -1,4 +1,5 @@
-"""The main job end to end on generated photos with .pts landmarks, plus bad inputs."""
+"""The main job end to end through the library (dff3d.job + dff3d.reconstructor): .pts fits on
+generated photos, the shipped regressor on a real photo, and the CLI's flags."""
 
 import json
 
@@ -6,11 +7,14 @@ import numpy as np
 import pytest
 import trimesh
 
-from dff3d import detect, fitting, io, metrics, synthetic
-from experiments import reconstruction_job as reconstruct
+import dff3d
+from dff3d import detect, fitting, io, job, metrics, outputs, synthetic
+from dff3d import morphable_model as mm
+from dff3d import reconstructor as rec_lib
+from dff3d import landmarks as lm
 
 CONFIG = fitting.FitConfig(image_size=64, pose_steps=20, shape_steps=40, photo_steps=3,
-                           photo_size=0)
+                           photo_size=0, contour="silhouette")
 
 
 @pytest.fixture(scope="module")
@@ -25,41 +29,120 @@ def photo_dir(tmp_path_factory):
   return d
 
 
-def test_job_writes_results_and_reports_failures(photo_dir, tmp_path):
-  inputs = reconstruct.list_inputs(str(photo_dir))
-  assert [p.split("/")[-1] for p in inputs] == ["broken.jpg", "face0.png", "face1.png",
-                                                  "grey.png"]
+def test_job_fits_pts_and_reports_failures(photo_dir, tmp_path):
+  inputs, listing = job.list_inputs(str(photo_dir))
+  assert [i.name for i in inputs] == ["broken", "face0", "face1", "grey"] and not listing
   out = tmp_path / "out"
-  records, failures = reconstruct.run(inputs, str(out), reconstruct.mm.default_model(), CONFIG,
-                                      batch_size=2)
-  # one line per bad file, the good ones are all written
-  failed = {f["image"].split("/")[-1]: f["error"] for f in failures}
+  rec = rec_lib.Reconstructor(regressor=None, landmarks="dlib", fit_config=CONFIG,
+                              batch_size=2)
+  config = job.JobConfig(output_dir=str(out), progress=False,
+                         kinds=("json", "mesh", "overlay", "coefficients", "depth", "texture"),
+                         texture_size=64)
+  summary = job.run(inputs, rec, config, report=lambda s: None)
+  failed = {f.image.split("/")[-1]: f for f in summary.failures}
   assert set(failed) == {"broken.jpg", "grey.png"}
-  assert "broken.jpg: cannot read image" in failed["broken.jpg"]
-  assert "\n" not in failed["grey.png"]
-  assert json.loads((out / "failures.json").read_text()) == failures
+  assert "broken.jpg: cannot read image" in failed["broken.jpg"].error
+  assert failed["grey.png"].stage == "detect" and "no face" in failed["grey.png"].error
+  assert [f["image"] for f in json.loads((out / "failures.json").read_text())] == [
+      f.image for f in summary.failures]
+  model = mm.default_model()
   for i in range(2):
-    rec = json.loads((out / f"face{i}.json").read_text())
-    face = rec["faces"][0]
-    assert set(face) == {"bbox", "landmarks_2d", "landmarks_3d", "pose_deg", "mesh", "overlay",
-                         "coefficients"}
+    rec_json = json.loads((out / f"face{i}.json").read_text())
+    face = rec_json["faces"][0]
+    assert face["source"] == "landmarks"
     assert np.asarray(face["landmarks_2d"]).shape == (68, 2)
     assert np.asarray(face["landmarks_3d"]).shape == (68, 3)
-    assert set(face["pose_deg"]) == {"yaw", "pitch", "roll"}
     mesh = trimesh.load(out / face["mesh"], process=False)
     # trimesh splits vertices along UV seams: the triangles are the model's
-    assert len(mesh.faces) == 18460 and len(mesh.vertices) >= 9409
+    assert len(mesh.faces) == len(model.triangles)
     assert io.read_image(out / face["overlay"]).shape == (96, 96, 3)
-    coeffs = np.load(out / face["coefficients"])
-    assert coeffs["vector"].shape == (sum(reconstruct.mm.default_model().sizes),)
-    # the fit follows the given landmarks (short CPU-test schedule: a loose bound)
+    assert np.load(out / face["coefficients"])["vector"].shape == (sum(model.sizes),)
+    assert (out / face["depth"]["file"]).is_file()
+    textured = trimesh.load(out / face["textured_mesh"], process=False)
+    assert textured.visual.material.image is not None
     gt = detect.read_pts(photo_dir / f"face{i}.pts")
     nme = metrics.nme_2d(np.asarray(face["landmarks_2d"])[None], gt[None])[0]
     assert nme < 0.08
 
 
+def test_jaw_landmarks_are_the_matched_outline_points(photo_dir):
+  """With contour sliding, landmarks_2d's jaw points are mesh vertices on the outline (not
+  the fixed landmark vertices); the inner points are the fixed vertices."""
+  image = io.read_image(photo_dir / "face0.png")
+  pts = detect.read_pts(photo_dir / "face0.pts")
+  rec = rec_lib.Reconstructor(regressor=None, landmarks="dlib", fit_config=CONFIG)
+  (face,) = rec(image, landmarks=[pts])
+  model = mm.default_model()
+  fixed = face.photo_vertices[np.asarray(model.landmarks)]
+  np.testing.assert_allclose(face.landmarks_3d[lm.INNER], fixed[lm.INNER], atol=1e-3)
+  for k in lm.CONTOUR:  # every jaw point is some vertex of the reconstructed mesh
+    d = np.linalg.norm(face.photo_vertices - face.landmarks_3d[k], axis=1).min()
+    assert d < 1e-3
+  moved = np.linalg.norm(face.landmarks_2d[lm.CONTOUR] - fixed[lm.CONTOUR, :2], axis=1)
+  assert moved.max() > 0.05  # at least one slid (the outline is not the fixed vertices)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+  skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) missing")
+  if not detect.detector_available():
+    pytest.skip("dlib / face_recognition_models (test extra) missing")
+  return np.asarray(skimage_data.astronaut(), np.float32) / 255.0
+
+
+def test_library_call_with_the_shipped_regressor(astronaut):
+  faces = dff3d.reconstruct(astronaut)
+  assert len(faces) == 1
+  f = faces[0]
+  assert f.source in ("hog", "cnn") and f.landmarks_2d.shape == (68, 2)
+  model = mm.default_model()
+  assert f.vertices.shape == f.photo_vertices.shape == (model.mean_shape.shape[0], 3)
+  # regression only: the landmarks are the fixed landmark vertices of the returned mesh
+  np.testing.assert_allclose(f.landmarks_3d, f.photo_vertices[np.asarray(model.landmarks)],
+                             atol=1e-3)
+  # the face is where the detector found it: landmarks inside the (enlarged) rectangle
+  x0, y0, x1, y1 = f.rect
+  w = x1 - x0
+  assert np.all((f.landmarks_2d[:, 0] > x0 - 0.3 * w) & (f.landmarks_2d[:, 0] < x1 + 0.3 * w))
+  assert np.all((f.landmarks_2d[:, 1] > y0 - 0.5 * w) & (f.landmarks_2d[:, 1] < y1 + 0.3 * w))
+  assert abs(f.pose_deg["yaw"]) < 30 and f.finite
+  # the same call on uint8 pixels and on a path gives the same face
+  faces8 = dff3d.reconstruct((astronaut * 255 + 0.5).astype(np.uint8))
+  np.testing.assert_allclose(faces8[0].landmarks_2d, f.landmarks_2d, atol=0.5)
+
+
+def test_two_faces_in_one_photo(astronaut):
+  """A photo with two people: both are found and reconstructed where they are."""
+  face = astronaut[40:240, 120:320]                      # the astronaut's head, 200 x 200
+  photo = np.full((260, 560, 3), 0.5, np.float32)
+  photo[30:230, 20:220] = face
+  photo[30:230, 330:530] = face[:, ::-1]                 # a mirrored second person
+  faces = dff3d.reconstruct(photo)
+  assert len(faces) == 2
+  centres = sorted(f.landmarks_2d.mean(0)[0] for f in faces)
+  assert 60 < centres[0] < 180 and 370 < centres[1] < 490
+  yaws = sorted(f.pose_deg["yaw"] for f in faces)
+  assert abs(yaws[0] + yaws[1]) < 6  # mirror images: opposite yaws
+
+
+def test_cli_runs_on_the_demo_image(astronaut, tmp_path):
+  """The README's first command (in a subprocess: the launchers' absl flags share names)."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  del astronaut
+  out = tmp_path / "out"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run([sys.executable, "-m", "experiments.reconstruct",
+                        "--input=skimage:astronaut", f"--output_dir={out}", "--noprogress"],
+                       cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "1 face(s) from 1 image(s)" in res.stdout
+  rec = json.loads((out / "astronaut.json").read_text())
+  assert len(rec["faces"]) == 1 and rec["outputs"] == list(outputs.DEFAULT_KINDS)
+  assert json.loads((out / "failures.json").read_text()) == []
+
+
 def test_landmarks_to_photo_inverts_the_crop():
-  from dff3d import reconstruct as rec
+  from dff3d import reconstruction as rec
   from dff3d.data import augment
   affine = augment.crop_affine([10, 20, 110, 120], 50)
   pts = np.stack([np.linspace(0, 50, 68), np.linspace(5, 45, 68), np.full(68, 100.0)], -1)

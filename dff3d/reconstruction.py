@@ -3,7 +3,7 @@
 Array functions behind experiments/reconstruct.py and experiments/evaluate.py: crop each face
 with data.augment.crop_to_landmarks, fit (dff3d.fitting) or regress the coefficients in fixed-
 size batches (one compilation), and map landmarks back to the photo. For faces known only by a
-detector's rectangle: box_from_rectangle frames a first crop, regress_from_boxes regresses it,
+detector's rectangle: detect.crop_box frames a first crop, regress_from_boxes regresses it,
 re-crops at the predicted landmarks and regresses again.
 """
 
@@ -33,6 +33,12 @@ class FaceResult(NamedTuple):
     0 at the landmarks' mean depth.
   rendering: (S, S, 3) the face geometry shaded in grey under the default light (black
     background), for overlays; mask: (S, S) its skin-area coverage.
+  vertices: (N, 3) the mesh in model space (the model's units).
+  photo_vertices: (N, 3) the mesh in photo x, y pixels and z like landmarks_3d's.
+  reference_depth: d0, the crop-camera depth at which z is 0 (the 68 points' mean depth).
+  The 68 landmarks are the points the reconstruction matched: with config.contour
+  'silhouette' (a fit or a refinement) the 17 jaw points slid along the outline, else the
+  fixed landmark vertices.
   """
   coefficients: coeffs_lib.Coefficients
   crop: np.ndarray
@@ -41,20 +47,25 @@ class FaceResult(NamedTuple):
   landmarks_3d: np.ndarray
   rendering: np.ndarray
   mask: np.ndarray
+  vertices: np.ndarray
+  photo_vertices: np.ndarray
+  reference_depth: float
 
 
-def landmarks_to_photo(screen_landmarks, crop_affine, image_size):
-  """Crop-space screen landmarks (68, 3) (x, y, depth) -> photo (68, 3) (x, y, z pixels).
+def landmarks_to_photo(screen_landmarks, crop_affine, image_size, reference_depth=None):
+  """Crop-space screen points (K, 3) (x, y, depth) -> photo (K, 3) (x, y, z pixels).
 
-  z = (mean depth - depth) * f / mean depth, scaled like x and y by the crop's zoom: the
-  weak-perspective depth in pixels, positive towards the camera.
+  z = (d0 - depth) * f / d0, scaled like x and y by the crop's zoom: the weak-perspective
+  depth in pixels, positive towards the camera. d0 is reference_depth, by default the points'
+  mean depth (pass the landmarks' mean depth to put a whole mesh in the landmarks' z).
   """
   inv = np.asarray(camera.invert_affine(jnp.asarray(crop_affine, jnp.float32)))
   xy = np.asarray(camera.apply_affine(inv, jnp.asarray(screen_landmarks[:, :2])))
   depth = np.asarray(screen_landmarks[:, 2], np.float64)
+  d0 = depth.mean() if reference_depth is None else float(reference_depth)
   zoom = float(np.sqrt(abs(np.linalg.det(inv[:, :2]))))
   focal = float(camera.default_focal(image_size))
-  z = (depth.mean() - depth) * focal / depth.mean() * zoom
+  z = (d0 - depth) * focal / d0 * zoom
   return np.concatenate([xy, z[:, None]], -1).astype(np.float32)
 
 
@@ -106,57 +117,32 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
       if config.photo_steps > 0:
         c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)
-    screen_lm = np.asarray(r.screen_vertices[:, model.landmarks])
+    slide = config.contour == "silhouette" and (regressor is None or config.photo_steps > 0)
+    problem = fitting.landmark_problem(model, slide)
+    screen_lm = np.asarray(fitting.screen_landmarks(problem, c, s, slide))
+    screen = np.asarray(r.screen_vertices)
+    verts = np.asarray(mm.geometry(model, c)[0])
     for row, i in enumerate(idx):
       crop, _, affine = cropped[i]
-      lm3 = landmarks_to_photo(screen_lm[row], affine, s)
+      d0 = float(screen_lm[row, :, 2].mean())
+      lm3 = landmarks_to_photo(screen_lm[row], affine, s, d0)
       results.append(FaceResult(
           coefficients=jax.tree_util.tree_map(lambda a: np.asarray(a[row]), c),
           crop=crop, crop_affine=np.asarray(affine, np.float32),
           landmarks_2d=lm3[:, :2], landmarks_3d=lm3,
-          rendering=np.asarray(r.image[row]), mask=np.asarray(r.skin_mask[row])))
+          rendering=np.asarray(r.image[row]), mask=np.asarray(r.skin_mask[row]),
+          vertices=verts[row], photo_vertices=landmarks_to_photo(screen[row], affine, s, d0),
+          reference_depth=d0))
     if on_batch is not None:
       on_batch(len(idx))
   return results
-
-
-# dlib's HOG face rectangle -> a crop box framed like augment.face_box of the face's 68
-# landmarks (scale 1.6, shift_up 0.1). Measured with dlib 20.0 (detect.detect_faces, upsample=1;
-# per image the detection whose centre is nearest the ground truth's) on the real AFLW2000-3D
-# images of shared/data/aflw2000_3d_sample (12 of 16 detected) and aflw2000_3d_dev (170 of
-# 300): medians over the 182 of face_box(ground-truth 68 points) side / rectangle side (the
-# mean of its width and height): 1.520 (sample 1.61, dev 1.52; quartiles 1.42-1.63), and of
-# face_box's centre minus the rectangle's centre in rectangle sides: x 0.034, y 0.016. x
-# follows the yaw (median -0.22 for yaw < -30 degrees, 0.01 within 30, +0.22 beyond +30):
-# the first crop is only approximately framed (median IoU 0.75 with face_box(ground truth)),
-# which is why regress_from_boxes re-crops at its first prediction.
-RECTANGLE_BOX_SCALE = 1.520
-RECTANGLE_BOX_OFFSET = (0.034, 0.016)  # (x, y) in rectangle sides, y down
-
-
-def box_from_rectangle(rectangle, scale: float = RECTANGLE_BOX_SCALE,
-                       offset=RECTANGLE_BOX_OFFSET) -> np.ndarray:
-  """A detector's face rectangle -> the square crop box augment.face_box would give.
-
-  Args:
-    rectangle: (..., 4) x0, y0, x1, y1 outer corners in photo pixels (detect.Face.bbox).
-    scale: box side / rectangle side (the mean of its width and height).
-    offset: (2,) box centre minus rectangle centre, in rectangle sides (x right, y down).
-  Returns:
-    (..., 4) float32 x0, y0, x1, y1 of the square box.
-  """
-  r = np.asarray(rectangle, np.float64)
-  side = ((r[..., 2] - r[..., 0]) + (r[..., 3] - r[..., 1])) / 2
-  centre = (r[..., :2] + r[..., 2:]) / 2 + np.asarray(offset, np.float64) * side[..., None]
-  half = (scale * side / 2)[..., None]
-  return np.concatenate([centre - half, centre + half], -1).astype(np.float32)
 
 
 def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfig,
                        regressor: Callable, batch_size: int = 8,
                        on_batch: Optional[Callable[[int], None]] = None,
                        dff_fn: Optional[Callable] = None) -> List[FaceResult]:
-  """Two passes of a regressor for faces located only by a box (e.g. box_from_rectangle).
+  """Two passes of a regressor for faces located only by a box (e.g. detect.crop_box).
 
   Pass 1 regresses the crop of each box (only approximately framed); pass 2 is
   reconstruct_faces with pass 1's 68 landmarks (photo pixels): it re-crops at

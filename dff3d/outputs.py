@@ -1,0 +1,101 @@
+"""What the reconstruction job writes for one face, and the JSON record that lists it.
+
+Kinds (`--outputs`): json (always: the record that marks an image done), mesh (OBJ with
+shaded vertex colours), overlay (PNG of the photo with the reconstruction and its landmarks),
+coefficients (NPZ), depth (16-bit PNG of the surface's z in photo pixels, its decoding in the
+record), texture (OBJ + MTL + PNG: a UV texture unwrapped from the photo where the surface is
+visible). Every file is written atomically (dff3d.io).
+"""
+
+import os
+
+import numpy as np
+
+from dff3d import camera
+from dff3d import coefficients as coeffs_lib
+from dff3d import io
+from dff3d import texture
+from dff3d.data import augment
+
+KINDS = ("json", "mesh", "overlay", "coefficients", "depth", "texture")
+DEFAULT_KINDS = ("json", "mesh", "overlay", "coefficients")
+
+
+def parse_kinds(items) -> tuple:
+  """Validated output kinds in KINDS order ("json" always included); ValueError naming an
+  unknown kind."""
+  items = [k.strip() for k in items if k.strip()]
+  unknown = sorted(set(items) - set(KINDS))
+  if unknown:
+    raise ValueError(f"unknown output kind(s) {unknown}; choose from {list(KINDS)}")
+  return tuple(k for k in KINDS if k in set(items) | {"json"})
+
+
+def overlay(image, face, alpha: float = 0.7) -> np.ndarray:
+  """(H, W, 3): the grey-shaded reconstruction (skin area) blended over the photo, with the
+  68 landmarks the reconstruction matched drawn on top."""
+  h, w = image.shape[:2]
+  inv = np.asarray(camera.invert_affine(np.asarray(face.crop_affine, np.float32)))
+  ren = augment.warp_affine(face.rendering, inv, h, w)
+  m = augment.warp_affine(np.repeat(face.mask[..., None], 3, -1), inv, h, w)[..., :1]
+  out = image * (1 - alpha * m) + ren * alpha * m
+  return io.draw_points(out, face.landmarks_2d)
+
+
+def _round(a, digits=3):
+  return np.round(np.asarray(a, np.float64), digits).tolist()
+
+
+def face_record(face) -> dict:
+  """The JSON fields of one face that do not name files (all finite floats)."""
+  return {"bbox": _round(face.rect), "score": float(face.score), "source": face.source,
+          "landmarks_2d": _round(face.landmarks_2d), "landmarks_3d": _round(face.landmarks_3d),
+          "pose_deg": face.pose_deg}
+
+
+def write_face(out_dir: str, name: str, model, image, face, kinds, texture_size: int = 512):
+  """Write face `name`'s files (kinds other than json) into out_dir; returns its JSON record.
+
+  Args:
+    name: file stem of this face, e.g. "photo_0" (no folder part).
+    image: (H, W, 3) float32 photo; face: reconstructor.Face.
+  """
+  rec = face_record(face)
+  c = face.coefficients
+  path = lambda suffix: os.path.join(out_dir, name + suffix)
+  if "mesh" in kinds:
+    colours = texture.camera_vertex_colours(model, c)
+    io.write_obj(path(".obj"), face.vertices, model.triangles, colors=np.clip(colours, 0, 1),
+                 uv=model.uv, triangle_uv=model.triangle_uv)
+    rec["mesh"] = name + ".obj"
+  if "overlay" in kinds:
+    io.write_image(path(".png"), overlay(image, face))
+    rec["overlay"] = name + ".png"
+  if "coefficients" in kinds:
+    io.write_npz(path(".npz"), crop_affine=face.crop_affine,
+                 vector=np.asarray(coeffs_lib.concat(c)),
+                 **{f: np.asarray(getattr(c, f)) for f in coeffs_lib.FIELDS})
+    rec["coefficients"] = name + ".npz"
+  if "depth" in kinds:
+    depth, mask = texture.depth_map(model, c, face.crop_affine, face.crop_size, image.shape[:2],
+                                    reference_depth=face.reference_depth)
+    rec["depth"] = io.write_depth_png(path("_depth.png"), depth, mask)
+  if "texture" in kinds:
+    tex, _ = texture.unwrap_texture(model, c, face.crop_affine, face.crop_size, image,
+                                    texture_size)
+    io.write_textured_obj(path("_textured.obj"), face.vertices, model.triangles, model.uv,
+                          model.triangle_uv, tex)
+    rec["textured_mesh"] = name + "_textured.obj"
+  return rec
+
+
+def record_files(record: dict) -> list:
+  """File names (relative to the record's folder) that an image record lists."""
+  files = []
+  for face in record.get("faces", []):
+    for key in ("mesh", "overlay", "coefficients", "textured_mesh"):
+      if key in face:
+        files.append(face[key])
+    if "depth" in face:
+      files.append(face["depth"]["file"])
+  return files
