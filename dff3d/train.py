@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from dff3d import coefficients as coeffs_lib
+from dff3d import distributed
 from dff3d import landmark_sets
 from dff3d import losses
 from dff3d import metrics
@@ -296,14 +297,18 @@ def make_sources(config: TrainConfig):
   return sources.ConcatSource(first, *[sources.open_tfds(d, "train") for d in dirs[1:]]), val
 
 
-def make_pipelines(config: TrainConfig, train_source, val_source):
+def make_pipelines(config: TrainConfig, train_source, val_source, shard_index: int = 0,
+                   shard_count: int = 1):
+  """(training pipeline: this process's rows of each global batch, validation pipeline:
+  every example, on every process)."""
   from dff3d.data import augment, pipeline
   aug = augment.AugmentConfig(flip_prob=config.flip_prob,
                               max_rotation_deg=config.max_rotation_deg,
                               colour_range=tuple(config.colour_range))
   train = pipeline.InputPipeline(train_source, pipeline.PipelineConfig(
       batch_size=config.batch_size, image_size=config.image_size, augment=aug,
-      seed=config.seed, num_threads=2, prefetch=4 * config.batch_size))
+      seed=config.seed, num_threads=2, prefetch=4 * config.batch_size,
+      shard_index=shard_index, shard_count=shard_count))
   val = eval_pipeline(config, val_source)
   return train, val
 
@@ -370,12 +375,15 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3):
 def save_checkpoint(mngr, state: TrainState, epoch: int, batch_in_epoch: int):
   """Saves `state` under its step; a step that is already saved (an epoch end that is also a
   checkpoint_every_steps step, the last step, a stop right after resuming) is left as it is,
-  since it holds the same state."""
+  since it holds the same state. With several processes every one calls it (Orbax writes
+  each replicated array once)."""
   step = int(state.step)
   if step in mngr.all_steps():
     return
+  if jax.process_count() == 1:
+    state = jax.device_get(state)
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(jax.device_get(state)),
+      state=ocp.args.StandardSave(state),
       meta=ocp.args.JsonSave({"epoch": epoch, "batch_in_epoch": batch_in_epoch})), force=True)
   mngr.wait_until_finished()
 
@@ -434,7 +442,8 @@ def workdir_params(checkpoint: str, model: mm.MorphableModel):
       (1, config.image_size, config.image_size, 3)))["params"])
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       {"params": abstract}, restore_args=jax.tree_util.tree_map(
-          lambda _: ocp.RestoreArgs(), {"params": abstract}), partial_restore=True)))
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {"params": abstract}),
+      partial_restore=True)))  # as NumPy: loads on any device count (multi-host runs too)
   return restored.state["params"], config
 
 
@@ -552,14 +561,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
   checkpoints at every epoch end, every checkpoint_every_steps, at the end, and on SIGINT /
   SIGTERM.
   """
+  primary = distributed.is_primary()
+  verbose = verbose and primary
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_to_json(config))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_to_json(config))
   if config.data == "aflw" and config.aflw_labels == "pseudo68" and not config.aflw_pseudo68:
-    config = config.replace(aflw_pseudo68=_workdir_pseudo68(config, workdir, verbose))
+    if primary:
+      _workdir_pseudo68(config, workdir, verbose)
+    distributed.barrier("pseudo68")
+    config = config.replace(aflw_pseudo68=os.path.join(workdir, "AFLW_GT_pseudo68.npz"))
   model = mm.default_model()
   train_src, val_src = sources_override or make_sources(config)
-  train_pipe, val_pipe = make_pipelines(config, train_src, val_src)
+  train_pipe, val_pipe = make_pipelines(config, train_src, val_src, jax.process_index(),
+                                        jax.process_count())
   dev_pipe = None
   if config.dev_dir:
     from dff3d.data import real
@@ -579,7 +595,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
     path = config.dff_path or os.path.join(mm.ASSET_DIR, "dff.npz")
     dff_fn = _frozen_dff(path)
 
-  devices = jax.local_devices()
+  devices = jax.devices()  # every process's devices: one global mesh
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -589,7 +605,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
   state = create_train_state(jax.random.PRNGKey(config.seed), net, tx, config.image_size)
   mngr = checkpoint_manager(workdir)
   epoch, skip = 0, 0
-  restored = restore_checkpoint(mngr, jax.eval_shape(lambda: state))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(lambda: state))
+  restored = restore_checkpoint(mngr, abstract)
   if restored is not None:
     state, epoch, skip = restored
     if verbose:
@@ -602,11 +621,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
                               image_size=config.image_size)
   predictor = lambda: (lambda im, sets: pred_fn(state.params, im, sets))
 
+  def log(record):
+    if primary:
+      _log(metrics_path, record)
+
   def dev_record(epoch_now):
     if dev_pipe is None:
       return
     rec = {"step": int(state.step), "epoch": epoch_now, "dev": evaluate_dev(predictor(), dev_pipe)}
-    _log(metrics_path, rec)
+    log(rec)
     if verbose:
       d = rec["dev"]
       pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"
@@ -618,20 +641,20 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
   t0 = last_t = time.time()
   last_step = step
   if step == 0 and config.eval_every_steps:  # the untrained network's figure, for the curve
-    _log(metrics_path, {"step": 0, "epoch": 0, "val_nme": evaluate_nme(predictor(), val_pipe)})
+    log({"step": 0, "epoch": 0, "val_nme": evaluate_nme(predictor(), val_pipe)})
   with _StopRequest() as stop:
     while step < total_steps and not stop.requested:
       on = jnp.float32(epoch >= config.land_error_start_epoch)
       done_in_epoch, finished = skip, True
       for batch in train_pipe.epoch(epoch, start_batch=skip):
         out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
-        if step >= total_steps or stop.requested or out_of_time:
+        if step >= total_steps or distributed.any_process(stop.requested or out_of_time):
           finished = False
           break
-        batch = {k: jax.device_put(np.asarray(batch[k], np.float32), data_sharding)
-                 for k in ("image", "landmarks", "landmarks_visible")} | {
-                     "landmark_set": jax.device_put(np.asarray(batch["landmark_set"], np.int32),
-                                                    data_sharding)}
+        batch = distributed.global_batch(
+            {k: np.asarray(batch[k], np.float32)
+             for k in ("image", "landmarks", "landmarks_visible")}
+            | {"landmark_set": np.asarray(batch["landmark_set"], np.int32)}, data_sharding)
         state, aux = step_fn(state, batch, on)
         step += 1
         done_in_epoch += 1
@@ -643,7 +666,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
           last_t, last_step = now, step
           if config.eval_every_steps and step % config.eval_every_steps == 0:
             rec["val_nme"] = evaluate_nme(predictor(), val_pipe)
-          _log(metrics_path, rec)
+          log(rec)
           if verbose:
             eta = (total_steps - step) * (now - t0) / max(step - start_step, 1)
             extra = f" val_nme {rec['val_nme'] * 100:.2f}%" if "val_nme" in rec else ""
@@ -657,8 +680,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
         epoch, skip = epoch + 1, 0
         save_checkpoint(mngr, state, epoch, 0)
         if epoch < config.num_epochs:
-          _log(metrics_path, {"step": step, "epoch": epoch,
-                              "val_nme": evaluate_nme(predictor(), val_pipe)})
+          log({"step": step, "epoch": epoch, "val_nme": evaluate_nme(predictor(), val_pipe)})
           dev_record(epoch)
       else:  # max_steps, max_seconds or a stop request: checkpoint where we are
         save_checkpoint(mngr, state, epoch, done_in_epoch)
@@ -667,7 +689,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
       print(f"stopped after {max_seconds / 60:.1f} min (max_seconds)")
   final = {"step": step, "epoch": epoch, "final": True,
            "val_nme": evaluate_nme(predictor(), val_pipe)}
-  _log(metrics_path, final)
+  log(final)
   dev_record(epoch)
   if verbose:
     print(f"done: step {step}, val_nme {final['val_nme']*100:.2f}% "

@@ -4,10 +4,15 @@ r"""Train the regressor.
 
 Resumes from the workdir's latest checkpoint. Writes workdir/metrics.jsonl and Orbax
 checkpoints (each epoch, every --checkpoint_every_steps, at the end, and on Ctrl-C / SIGTERM).
+
+Several processes (hosts) train as one (dff3d.distributed): start the same command in every
+process with --coordinator_address=HOST0:PORT --num_processes=N --process_id=i (on TPU pods
+and under SLURM / MPI the flags can be left out); --batch_size is the global batch.
 """
 
 from absl import app, flags, logging
 
+from dff3d import distributed
 from dff3d import train
 from experiments import configs
 
@@ -23,10 +28,12 @@ _SIZE = flags.DEFINE_integer("image_size", None, "Override: crop size.")
 _DATA = flags.DEFINE_string("data", None, "Override: 'synthetic' or TFDS dataset dirs (comma).")
 _VAL = flags.DEFINE_string("val_data", None, "Override: TFDS dataset dir for validation.")
 _NTRAIN = flags.DEFINE_integer("synthetic_train", None, "Override: synthetic training examples.")
+_NVAL = flags.DEFINE_integer("synthetic_val", None, "Override: synthetic validation examples.")
 _DFF = flags.DEFINE_bool("use_dff", None, "Override: use the DFF loss.")
 _EVAL = flags.DEFINE_integer("eval_every_steps", None, "Override: evaluation interval.")
 _CKPT = flags.DEFINE_integer("checkpoint_every_steps", None, "Override: checkpoint interval.")
 _SEED = flags.DEFINE_integer("seed", None, "Override: seed.")
+_LOG_EVERY = flags.DEFINE_integer("log_every_steps", None, "Override: logging interval.")
 _PSEUDO = flags.DEFINE_string("aflw_pseudo68", None, "Override: pseudo-68 .npz of the AFLW crops.")
 _LABELS = flags.DEFINE_enum("aflw_labels", None, ["pts21", "pseudo68"], "Override: AFLW labels.")
 _AFLW_DIR = flags.DEFINE_string("aflw_dir", None, "Override: 3DDFA AFLW folder.")
@@ -36,6 +43,11 @@ _DEV = flags.DEFINE_string("dev_dir", None, "Override: AFLW2000-3D folder valida
 _DECAY = flags.DEFINE_integer("decay_epoch", None, "Override: epochs before the lr decay.")
 _LE_START = flags.DEFINE_integer("land_error_start_epoch", None,
                                  "Override: first epoch (0-based) with L_land_error.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process training: "
+                                   "host:port of process 0 (with --num_processes, "
+                                   "--process_id); SLURM, MPI and TPU pods are detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0 logs).")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -44,15 +56,20 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # keep the console to the progress lines
+  try:  # before anything touches devices
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   config = configs.get_config(_CONFIG.value)
   overrides = {"batch_size": _BATCH.value, "learning_rate": _LR.value,
                "num_epochs": _EPOCHS.value, "image_size": _SIZE.value, "data": _DATA.value,
-               "val_data": _VAL.value, "synthetic_train": _NTRAIN.value, "use_dff": _DFF.value,
+               "val_data": _VAL.value, "synthetic_train": _NTRAIN.value,
+               "synthetic_val": _NVAL.value, "use_dff": _DFF.value,
                "eval_every_steps": _EVAL.value, "checkpoint_every_steps": _CKPT.value,
                "seed": _SEED.value, "aflw_pseudo68": _PSEUDO.value, "aflw_labels": _LABELS.value,
                "aflw_dir": _AFLW_DIR.value, "aflw_max_train": _MAX_TRAIN.value,
                "synthetic_mix": _MIX.value, "dev_dir": _DEV.value, "decay_epoch": _DECAY.value,
-               "land_error_start_epoch": _LE_START.value}
+               "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if _WEIGHTS.value:
     try:

@@ -160,3 +160,29 @@ def test_pipeline_on_a_tfds_build(tmp_path):
   # disable_shuffling keeps the file order: index i is image{i+1:05d}
   np.testing.assert_allclose(np.degrees(0.1 * (b["index"] + 1)), b["yaw_deg"], rtol=1e-5)
   assert landmarks_lib.NUM_LANDMARKS == b["landmarks"].shape[1]
+
+
+def test_process_shards_concatenate_to_the_global_batches():
+  """Multi-process training: each process's rows, concatenated in process order, are exactly
+  the global batch one process would read (same examples, same augmentation), also when
+  resuming mid-epoch."""
+  src = make_source(11)
+  cfg = PipelineConfig(batch_size=4, image_size=16, seed=3)
+  whole = list(InputPipeline(src, cfg).epoch(1))
+  parts = [list(InputPipeline(src, PipelineConfig(batch_size=4, image_size=16, seed=3,
+                                                   shard_index=i, shard_count=2)).epoch(1))
+           for i in range(2)]
+  assert len(whole) == len(parts[0]) == len(parts[1]) == 2
+  for k, batch in enumerate(whole):
+    assert parts[0][k]["image"].shape[0] == 2
+    for key in ("index", "image", "landmarks"):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][k][key], parts[1][k][key]]), batch[key])
+  resumed = next(InputPipeline(src, PipelineConfig(batch_size=4, image_size=16, seed=3,
+                                                    shard_index=1, shard_count=2))
+                 .epoch(1, start_batch=1))
+  np.testing.assert_array_equal(resumed["index"], whole[1]["index"][2:])
+  with pytest.raises(ValueError, match="drop_remainder"):
+    InputPipeline(src, PipelineConfig(batch_size=4, shard_count=2, drop_remainder=False))
+  with pytest.raises(ValueError, match="divisible"):
+    InputPipeline(src, PipelineConfig(batch_size=5, shard_count=2))

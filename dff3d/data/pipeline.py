@@ -57,6 +57,11 @@ class PipelineConfig:
     "landmarks"; "landmarks_visible" if present else all visible). An example's optional
     "box_landmarks" (K, 2) frame its crop instead of its landmarks (see _box).
   extra_keys: further example keys to pass through (e.g. ("yaw_deg",)).
+  shard_index, shard_count: this process's rows of every global batch (multi-process
+    training, dff3d.distributed): batches hold batch_size / shard_count rows, rows
+    shard_index * that onwards of the global batch a single process would see (so the
+    processes' parts, concatenated in process order, are exactly that batch). Needs
+    drop_remainder.
   """
 
   batch_size: int
@@ -74,6 +79,8 @@ class PipelineConfig:
   landmarks_key: str | None = None
   visible_key: str | None = None
   extra_keys: tuple = ()
+  shard_index: int = 0
+  shard_count: int = 1
 
 
 def eval_config(batch_size: int, **kwargs) -> PipelineConfig:
@@ -106,6 +113,14 @@ def _seed(*values) -> int:
   return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
 
 
+def _shard_rows(ds, batch_size: int, local: int, index: int):
+  """Rows index * local ... (index + 1) * local - 1 of each full batch of `ds` (a MapDataset
+  of example indices), in order."""
+  full = len(ds) // batch_size
+  rows = grain.MapDataset.range(full * local)
+  return rows.map(lambda j: ds[(j // local) * batch_size + index * local + j % local])
+
+
 class InputPipeline:
   """Batches of augmented face crops from a random-access source (see module docstring)."""
 
@@ -118,8 +133,15 @@ class InputPipeline:
     if n == 0:
       import jax  # pylint: disable=g-import-not-at-top
       n = jax.local_device_count()
-    if n is not None and config.batch_size % n:
-      raise ValueError(f"batch_size {config.batch_size} is not divisible by {n} devices")
+    if config.shard_count > 1 and (config.batch_size % config.shard_count
+                                   or not config.drop_remainder or config.pad_last_batch):
+      raise ValueError(f"sharding batches of {config.batch_size} over {config.shard_count} "
+                       "processes needs a divisible batch size and drop_remainder")
+    if not 0 <= config.shard_index < config.shard_count:
+      raise ValueError(f"shard_index {config.shard_index} not in [0, {config.shard_count})")
+    self.local_batch_size = config.batch_size // config.shard_count
+    if n is not None and self.local_batch_size % n:
+      raise ValueError(f"batch_size {self.local_batch_size} is not divisible by {n} devices")
     self.num_devices = n
 
   def __len__(self) -> int:
@@ -186,10 +208,13 @@ class InputPipeline:
       ds = ds.shuffle(seed=_seed(cfg.seed, epoch))
     if start_batch:
       ds = ds[start_batch * cfg.batch_size:]
+    if cfg.shard_count > 1:  # this process's rows of every full global batch
+      ds = _shard_rows(ds, cfg.batch_size, self.local_batch_size, cfg.shard_index)
     ds = ds.map(lambda i: self.example(i, epoch))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch))
-    return it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=self._batch)
+    return it.batch(self.local_batch_size, drop_remainder=cfg.drop_remainder,
+                    batch_fn=self._batch)
 
   def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
     """Iterates over one epoch's batches (order and augmentation fixed by seed and epoch),
