@@ -84,12 +84,21 @@ def global_batch(local: dict, sharding) -> dict:
           for k, v in local.items()}
 
 
-def any_process(flag: bool) -> bool:
+def any_process(flag: bool, after=None) -> bool:
   """True when `flag` is true on any process (every process must call it: a stop request
-  or a time limit seen by one process stops all of them at the same step)."""
+  or a time limit seen by one process stops all of them at the same step).
+
+  after: a pytree of arrays (the training state) whose computation must finish first: its
+  collectives (the gradient all-reduce) then complete on every process before this one
+  starts. Without it, an asynchronously dispatched step and this all-gather could reach the
+  two processes' gloo transports in different orders (seen on this CPU: a 'collective
+  mismatch' abort at step 15 of a two-process run under load).
+  """
   if jax.process_count() == 1:
     return bool(flag)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if after is not None:
+    jax.block_until_ready(after)
   flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
   return bool(np.any(flags))
 

@@ -134,15 +134,15 @@ def _image_format(path):
   return fmt
 
 
-def write_image(path, image):
+def write_image(path, image, **save_options):
   """Write (H, W, 3) float in [0, 1] (clipped) as an 8-bit image, atomically; format from
-  the suffix."""
+  the suffix; save_options go to PIL (e.g. compress_level=1 for a fast PNG)."""
   path = os.fspath(path)
   fmt = _image_format(path)
   arr = np.clip(np.asarray(image, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
   im = Image.fromarray(arr)
   with atomic_output(path, "wb") as f:
-    im.save(f, format=fmt)
+    im.save(f, format=fmt, **save_options)
 
 
 def write_depth_png(path, depth, mask):
@@ -188,24 +188,31 @@ def _colours_u8(colors):
   return np.clip(np.asarray(colors, np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _format_rows(fmt: str, rows) -> list:
+  """One line per row of a 2-D array, `fmt % tuple(row)` (one format call per block: ~7x
+  faster than an f-string per line on a 9k-vertex mesh, same text)."""
+  rows = np.asarray(rows)
+  if not len(rows):
+    return []
+  block = "\n".join([fmt] * len(rows)) % tuple(rows.ravel().tolist())
+  return block.split("\n")
+
+
 def _obj_lines(vertices, triangles, colors=None, uv=None, triangle_uv=None):
   """'v', 'vt' and 'f' lines of a Wavefront OBJ (indices written 1-based)."""
   vertices = np.asarray(vertices, np.float64)
   triangles = np.asarray(triangles, np.int64) + 1
-  lines = []
   if colors is not None:
     c = np.clip(np.asarray(colors, np.float64), 0.0, 1.0)
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
-              for (x, y, z), (r, g, b) in zip(vertices, c)]
+    lines = _format_rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.concatenate([vertices, c], 1))
   else:
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+    lines = _format_rows("v %.6f %.6f %.6f", vertices)
   if uv is not None and triangle_uv is not None:
-    lines += [f"vt {u:.6f} {v:.6f}" for u, v in np.asarray(uv, np.float64)]
+    lines += _format_rows("vt %.6f %.6f", np.asarray(uv, np.float64))
     tuv = np.asarray(triangle_uv, np.int64) + 1
-    lines += [f"f {a}/{ta} {b}/{tb} {c_}/{tc}"
-              for (a, b, c_), (ta, tb, tc) in zip(triangles, tuv)]
+    lines += _format_rows("f %d/%d %d/%d %d/%d", np.stack([triangles, tuv], -1).reshape(-1, 6))
   else:
-    lines += [f"f {a} {b} {c_}" for a, b, c_ in triangles]
+    lines += _format_rows("f %d %d %d", triangles)
   return lines
 
 
@@ -340,12 +347,12 @@ def draw_points(image, points, colour=(0.0, 1.0, 0.2), radius=None):
   out = np.array(image, np.float32, copy=True)
   h, w = out.shape[:2]
   r = max(1.0, min(h, w) / 200.0) if radius is None else radius
-  yy, xx = np.mgrid[0:h, 0:w]
   for x, y in np.asarray(points, np.float64):
     x0, x1 = int(max(0, np.floor(x - r - 1))), int(min(w, np.ceil(x + r + 1)))
     y0, y1 = int(max(0, np.floor(y - r - 1))), int(min(h, np.ceil(y + r + 1)))
     if x0 >= x1 or y0 >= y1:
       continue
-    d2 = (xx[y0:y1, x0:x1] + 0.5 - x) ** 2 + (yy[y0:y1, x0:x1] + 0.5 - y) ** 2
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    d2 = (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2
     out[y0:y1, x0:x1][d2 <= r * r] = colour
   return out

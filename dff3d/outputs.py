@@ -33,12 +33,21 @@ def parse_kinds(items) -> tuple:
 
 def overlay(image, face, alpha: float = 0.7) -> np.ndarray:
   """(H, W, 3): the grey-shaded reconstruction (skin area) blended over the photo, with the
-  68 landmarks the reconstruction matched drawn on top."""
+  68 landmarks the reconstruction matched drawn on top. Only the crop's footprint in the
+  photo is warped and blended (time independent of the photo's size)."""
   h, w = image.shape[:2]
-  inv = np.asarray(camera.invert_affine(np.asarray(face.crop_affine, np.float32)))
-  ren = augment.warp_affine(face.rendering, inv, h, w)
-  m = augment.warp_affine(np.repeat(face.mask[..., None], 3, -1), inv, h, w)[..., :1]
-  out = image * (1 - alpha * m) + ren * alpha * m
+  inv = np.asarray(camera.invert_affine(np.asarray(face.crop_affine, np.float32)), np.float64)
+  s = face.rendering.shape[0]
+  corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64) @ inv[:, :2].T + inv[:, 2]
+  x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+  x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int), [w, h])
+  out = np.array(image, np.float32, copy=True)
+  if x1 > x0 and y1 > y0:
+    window = inv - np.array([[0, 0, x0], [0, 0, y0]], np.float64)  # crop -> window pixels
+    ren = augment.warp_affine(face.rendering, window, y1 - y0, x1 - x0)
+    m = augment.warp_affine(face.mask[..., None], window, y1 - y0, x1 - x0)[..., :1]
+    part = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = part * (1 - alpha * m) + ren * alpha * m
   return io.draw_points(out, face.landmarks_2d)
 
 
@@ -69,7 +78,7 @@ def write_face(out_dir: str, name: str, model, image, face, kinds, texture_size:
                  uv=model.uv, triangle_uv=model.triangle_uv)
     rec["mesh"] = name + ".obj"
   if "overlay" in kinds:
-    io.write_image(path(".png"), overlay(image, face))
+    io.write_image(path(".png"), overlay(image, face), compress_level=1)  # 3x faster
     rec["overlay"] = name + ".png"
   if "coefficients" in kinds:
     io.write_npz(path(".npz"), crop_affine=face.crop_affine,

@@ -59,9 +59,12 @@ def landmarks_to_photo(screen_landmarks, crop_affine, image_size, reference_dept
   depth in pixels, positive towards the camera. d0 is reference_depth, by default the points'
   mean depth (pass the landmarks' mean depth to put a whole mesh in the landmarks' z).
   """
-  inv = np.asarray(camera.invert_affine(jnp.asarray(crop_affine, jnp.float32)))
-  xy = np.asarray(camera.apply_affine(inv, jnp.asarray(screen_landmarks[:, :2])))
-  depth = np.asarray(screen_landmarks[:, 2], np.float64)
+  a = np.asarray(crop_affine, np.float64)  # NumPy: per-face host work, no device round trip
+  inv_lin = np.linalg.inv(a[:, :2])
+  inv = np.concatenate([inv_lin, -inv_lin @ a[:, 2:]], 1)
+  pts = np.asarray(screen_landmarks, np.float64)
+  xy = pts[:, :2] @ inv[:, :2].T + inv[:, 2]
+  depth = pts[:, 2]
   d0 = depth.mean() if reference_depth is None else float(reference_depth)
   zoom = float(np.sqrt(abs(np.linalg.det(inv[:, :2]))))
   focal = float(camera.default_focal(image_size))
@@ -76,6 +79,9 @@ def grey_render(model: mm.MorphableModel, c: coeffs_lib.Coefficients, size: int)
   c = c.replace(albedo=jnp.zeros_like(c.albedo),
                 lighting=jnp.broadcast_to(shading.default_lighting(), c.lighting.shape))
   return render_lib.render(grey, c, (size, size))
+
+
+_screen_landmarks = jax.jit(fitting.screen_landmarks, static_argnames=("image_size", "slide"))
 
 
 def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig,
@@ -104,6 +110,8 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
   affine (2, 3) photo -> crop) triples; targets are used only by a fit or a refinement."""
   s = config.image_size
   results = []
+  slide = config.contour == "silhouette" and (regressor is None or config.photo_steps > 0)
+  problem = fitting.landmark_problem(model, slide)  # once per call, not per batch
   for start in range(0, len(cropped), batch_size):
     idx = list(range(start, min(start + batch_size, len(cropped))))
     padded = idx + [idx[-1]] * (batch_size - len(idx))
@@ -117,9 +125,7 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
       if config.photo_steps > 0:
         c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)
-    slide = config.contour == "silhouette" and (regressor is None or config.photo_steps > 0)
-    problem = fitting.landmark_problem(model, slide)
-    screen_lm = np.asarray(fitting.screen_landmarks(problem, c, s, slide))
+    screen_lm = np.asarray(_screen_landmarks(problem, c, s, slide))
     screen = np.asarray(r.screen_vertices)
     verts = np.asarray(mm.geometry(model, c)[0])
     for row, i in enumerate(idx):

@@ -648,7 +648,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
       done_in_epoch, finished = skip, True
       for batch in train_pipe.epoch(epoch, start_batch=skip):
         out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
-        if step >= total_steps or distributed.any_process(stop.requested or out_of_time):
+        if step >= total_steps or distributed.any_process(stop.requested or out_of_time,
+                                                          after=state):
           finished = False
           break
         batch = distributed.global_batch(

@@ -70,7 +70,8 @@ def test_jaw_landmarks_are_the_matched_outline_points(photo_dir):
   the fixed landmark vertices); the inner points are the fixed vertices."""
   image = io.read_image(photo_dir / "face0.png")
   pts = detect.read_pts(photo_dir / "face0.pts")
-  rec = rec_lib.Reconstructor(regressor=None, landmarks="dlib", fit_config=CONFIG)
+  rec = rec_lib.Reconstructor(regressor=None, landmarks="dlib", fit_config=CONFIG,
+                              batch_size=2)  # the job test's compilation
   (face,) = rec(image, landmarks=[pts])
   model = mm.default_model()
   fixed = face.photo_vertices[np.asarray(model.landmarks)]
