@@ -73,9 +73,8 @@ def _model_path(locator: str, what: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _models():
   """(HOG detector, 68-point shape predictor), loaded once per process."""
-  dlib = _import_dlib()
   path = _model_path("pose_predictor_model_location", "dlib's 68-point landmark predictor")
-  return dlib.get_frontal_face_detector(), dlib.shape_predictor(path)
+  return _hog_model(), _import_dlib().shape_predictor(path)
 
 
 def require_detector(detector: str = "hog") -> None:

@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 
-from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import io
 from dff3d import texture
@@ -36,7 +35,7 @@ def overlay(image, face, alpha: float = 0.7) -> np.ndarray:
   68 landmarks the reconstruction matched drawn on top. Only the crop's footprint in the
   photo is warped and blended (time independent of the photo's size)."""
   h, w = image.shape[:2]
-  inv = np.asarray(camera.invert_affine(np.asarray(face.crop_affine, np.float32)), np.float64)
+  inv = augment.inverse_affine(face.crop_affine)
   s = face.rendering.shape[0]
   corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64) @ inv[:, :2].T + inv[:, 2]
   x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)

@@ -59,9 +59,7 @@ def landmarks_to_photo(screen_landmarks, crop_affine, image_size, reference_dept
   depth in pixels, positive towards the camera. d0 is reference_depth, by default the points'
   mean depth (pass the landmarks' mean depth to put a whole mesh in the landmarks' z).
   """
-  a = np.asarray(crop_affine, np.float64)  # NumPy: per-face host work, no device round trip
-  inv_lin = np.linalg.inv(a[:, :2])
-  inv = np.concatenate([inv_lin, -inv_lin @ a[:, 2:]], 1)
+  inv = augment.inverse_affine(crop_affine)
   pts = np.asarray(screen_landmarks, np.float64)
   xy = pts[:, :2] @ inv[:, :2].T + inv[:, 2]
   depth = pts[:, 2]

@@ -110,6 +110,8 @@ def as_image(image) -> np.ndarray:
     return arr.astype(np.float32) / 255.0
   if arr.dtype == np.uint16:
     return arr.astype(np.float32) / 65535.0
+  if arr.dtype == np.float32 and arr.min() >= 0.0 and arr.max() <= 1.0:
+    return arr  # already converted (the job's images, __call__ -> locate): no copy
   return np.clip(np.asarray(arr, np.float32), 0.0, 1.0)
 
 

@@ -35,6 +35,7 @@ from dff3d import coefficients as coeffs_lib
 from dff3d import morphable_model as mm
 from dff3d import rasterizer
 from dff3d import shading
+from dff3d.data import augment
 
 # Triangles with a vertex at depth <= NEAR (model units) are not drawn (rasterizer default).
 NEAR = 1e-3
@@ -127,12 +128,6 @@ def _front_triangles(model, affine):
   return tri[:, ::-1].copy() if np.linalg.det(np.asarray(affine)[:, :2]) < 0 else tri
 
 
-def _inverse(crop_affine):
-  a = np.asarray(crop_affine, np.float64)
-  lin = np.linalg.inv(a[:, :2])
-  return np.concatenate([lin, -(lin @ a[:, 2])[:, None]], 1)
-
-
 def _to_photo(inv, screen):
   """(K, 3) crop screen (x, y, depth) -> (K, 2) float64 photo pixels."""
   xy = np.asarray(screen, np.float64)[:, :2]
@@ -156,7 +151,7 @@ def photo_raster(model: mm.MorphableModel, c: coeffs_lib.Coefficients, crop_affi
   if screen_vertices is None:
     screen_vertices = _geometry(model, _batched(c), crop_size)[1]
   screen = np.asarray(screen_vertices, np.float64)
-  inv = _inverse(crop_affine)
+  inv = augment.inverse_affine(crop_affine)
   xy = _to_photo(inv, screen)
   front = (screen[:, 2] > NEAR) & np.all(np.isfinite(xy), axis=1)
   tri = _front_triangles(model, inv)
@@ -194,7 +189,7 @@ def _to_photo_plane(values, pr: PhotoRaster, photo_shape, fill=0):
 def _depth_scale(crop_affine, crop_size: int):
   """Photo pixels per unit of 1 - depth / d0 in reconstruct.landmarks_to_photo's z,
   z = (d0 - depth) * f / d0 * zoom: f * zoom."""
-  zoom = float(np.sqrt(abs(np.linalg.det(_inverse(crop_affine)[:, :2]))))
+  zoom = float(np.sqrt(abs(np.linalg.det(augment.inverse_affine(crop_affine)[:, :2]))))
   return float(camera.default_focal(crop_size)) * zoom
 
 
@@ -327,7 +322,7 @@ def unwrap_texture(model: mm.MorphableModel, c: coeffs_lib.Coefficients, crop_af
   t = int(texture_size)
   cam, screen, _ = (np.asarray(a, np.float64) for a in _geometry(model, _batched(c), crop_size))
   pr = photo_raster(model, c, crop_affine, crop_size, photo.shape, max_side, screen_vertices=screen)
-  inv = _inverse(crop_affine)
+  inv = augment.inverse_affine(crop_affine)
   texture = np.zeros((t, t, photo.shape[-1]), np.float32)
   visible = np.zeros((t, t), bool)
   flat = np.flatnonzero(tid.reshape(-1) >= 0)

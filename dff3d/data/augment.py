@@ -55,6 +55,14 @@ def compose(a, b) -> np.ndarray:
     return _np(camera.compose_affine(np.asarray(a, np.float32), np.asarray(b, np.float32)))
 
 
+def inverse_affine(affine) -> np.ndarray:
+  """(2, 3) float64 inverse of a (2, 3) affine, in NumPy (host-side per-face work: no device
+  round trip)."""
+  a = np.asarray(affine, np.float64)
+  lin = np.linalg.inv(a[:, :2])
+  return np.concatenate([lin, -(lin @ a[:, 2])[:, None]], 1)
+
+
 def transform_points(affine, points) -> np.ndarray:
   """Moves (K, D) points (x, y first; other columns unchanged) with a (2, 3) affine."""
   points = np.asarray(points, np.float32)
