@@ -97,10 +97,11 @@ def initial_pose(model_points, landmarks_2d, focal, principal_point, weights=Non
     r = np.stack([m[0], m[1], np.cross(m[0], m[1])])
     u, _, vt = np.linalg.svd(r)
     r = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
-    d = focal / s
+    d = focal / s  # depth of the weighted landmark centroid, not of the model origin
     txy = mean_uv / s - (r @ mean_x)[:2]
+    tz = -d - (r @ mean_x)[2]
     rots.append(np.asarray(camera.angles_from_matrix(jnp.asarray(r, jnp.float32))))
-    trans.append([txy[0], txy[1], -d])
+    trans.append([txy[0], txy[1], tz])
   return np.asarray(rots, np.float32), np.asarray(trans, np.float32)
 
 

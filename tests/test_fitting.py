@@ -92,13 +92,10 @@ def test_initial_pose_recovers_a_known_rotation_under_full_perspective(pose_prob
   np.testing.assert_allclose(trans[0, :2], TRANSLATION[:2], atol=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fitting.initial_pose returns tz = -focal / s, the depth of the landmarks' centroid, as "
-    "the translation of the model origin; the origin lies (R mean_x)_z ~ 9.4 cm behind the "
-    "ICT landmarks, so tz is 8.1 cm too close and the returned pose reprojects the face ~9% "
-    "too large (RMS 3.3 px at 96 px). Fix (fitting.py, `trans.append([txy[0], txy[1], -d])`): "
-    "tz = -d - (r @ mean_x)[2] (measured then: tz error 0.87 cm, RMS 1.1 px)."))
 def test_initial_pose_translation_reprojects_the_landmarks(pose_problem):
+  # tz is the model origin's depth, not the landmark centroid's (the origin lies ~9 cm behind
+  # the ICT landmarks): with the centroid's depth the face reprojected ~9% too large (3.3 px
+  # RMS at 96 px). Measured with the fix: tz error 0.87 cm, RMS 1.1 px.
   points, screen, focal, pp = pose_problem
   rot, trans = fitting.initial_pose(points, screen, focal, pp)
   assert abs(trans[0, 2] - TRANSLATION[2]) < 2.0, trans

@@ -62,7 +62,9 @@ def test_job_fits_pts_and_reports_failures(photo_dir, tmp_path):
     assert textured.visual.material.image is not None
     gt = detect.read_pts(photo_dir / f"face{i}.pts")
     nme = metrics.nme_2d(np.asarray(face["landmarks_2d"])[None], gt[None])[0]
-    assert nme < 0.08
+    # Measured 1.18 % (near frontal) and 5.25 % (yaw -88 degrees: the fitted jaw points are
+    # the slid outline, the generated ones the fixed vertices seen through the head).
+    assert nme < [0.02, 0.075][i], (i, nme)
 
 
 def test_jaw_landmarks_are_the_matched_outline_points(photo_dir):
@@ -81,6 +83,44 @@ def test_jaw_landmarks_are_the_matched_outline_points(photo_dir):
     assert d < 1e-3
   moved = np.linalg.norm(face.landmarks_2d[lm.CONTOUR] - fixed[lm.CONTOUR, :2], axis=1)
   assert moved.max() > 0.05  # at least one slid (the outline is not the fixed vertices)
+
+
+def test_tilted_faces_depth_and_landmarks(photo_dir):
+  """Faces pitched +-25 degrees (chin towards / away from the camera) and turned: the fitted
+  68 points' z follows the true camera-space depth (a model-space z, or a constant depth,
+  would not), and the inner points sit on the true ones."""
+  import jax
+  import jax.numpy as jnp
+  from dff3d import camera
+  from dff3d import render as render_lib
+  model = mm.default_model()
+  c = synthetic.sample_coefficients(jax.random.PRNGKey(21), model, 2,
+                                    synthetic.SamplerConfig(max_yaw=10.0))
+  c = c.replace(rotation=jnp.asarray([[0.45, 0.2, 0.05], [-0.4, -0.3, 0.0]]))
+  ex = synthetic.render_examples(model, c, synthetic.random_background(
+      jax.random.PRNGKey(22), 2, 96), 96)
+  cam, _, _ = render_lib.camera_vertices(model, c, (96, 96))
+  ids, inner = np.asarray(model.landmarks), np.asarray(lm.INNER)
+  rec = rec_lib.Reconstructor(regressor=None, landmarks="dlib", fit_config=CONFIG,
+                              batch_size=2)  # the job test's compilation
+  for b in range(2):
+    pts = np.asarray(ex["landmarks"][b])
+    (face,) = rec(np.asarray(ex["image"][b]), landmarks=[pts])
+    # the truth in NumPy: weak-perspective depth in the photo's pixels about the mean depth
+    depth = -np.asarray(cam[b, ids, 2], np.float64)
+    z_true = (depth.mean() - depth) * float(camera.default_focal(96)) / depth.mean()
+    side = np.sqrt(np.prod(pts.max(0) - pts.min(0)))
+    err_2d = np.linalg.norm(face.landmarks_2d[inner] - pts[inner], axis=1).mean() / side
+    dz = face.landmarks_3d[inner, 2] - z_true[inner]
+    # Measured (pitch +26 / -23 degrees fitted as 29.3 / -25.3): inner 2D error 3.07 / 2.66 %
+    # of the face size, inner z error about its mean 1.50 / 2.54 %, z offset -0.5 / -1.2 %,
+    # correlation of the 68 z with the truth 0.980 / 0.979; the true inner z span ~20 %.
+    assert err_2d < 0.045, (b, err_2d)
+    assert np.sqrt(np.mean((dz - dz.mean()) ** 2)) / side < 0.04, (b, dz / side)
+    assert abs(dz.mean()) / side < 0.03, (b, dz.mean() / side)
+    assert np.corrcoef(face.landmarks_3d[:, 2], z_true)[0, 1] > 0.95
+    assert 0.15 < np.ptp(z_true[inner]) / side  # the tilt gives the points real relief
+    assert abs(face.pose_deg["pitch"] - np.rad2deg(float(c.rotation[b, 0]))) < 6.0
 
 
 @pytest.fixture(scope="module")
