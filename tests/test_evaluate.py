@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+import jax
 import jax.numpy as jnp
 
 from dff3d import camera
@@ -199,3 +200,41 @@ def test_json_safe_replaces_non_finite_floats(tmp_path):
                             "d": {"e": np.float64(3.5)}})
   assert out == {"a": None, "b": [1.0, None, 2], "c": None, "d": {"e": 3.5}}
   io.write_json(tmp_path / "r.json", out)  # strict JSON now
+
+
+def test_checkpoint_paths_load_a_real_regressor(aflw_dir, tmp_path):
+  # No stub: an untrained tiny regressor written as the shipped-weights .npz and as a training
+  # workdir (config.json + Orbax checkpoint); evaluate --checkpoint=<either> and the
+  # Reconstructor that experiments.reconstruct --checkpoint builds use its parameters.
+  import os
+  from dff3d import reconstructor, train
+  from experiments import configs
+  model = mm.default_model()
+  cfg = configs.get_config("cpu").replace(image_size=STUB_SIZE, width=0.125, use_dff=False)
+  net = train.make_network(cfg, model)
+  tx, _ = train.make_optimizer(cfg, 10)
+  state = train.create_train_state(jax.random.PRNGKey(4), net, tx, STUB_SIZE)
+  # move the head off the mean face so that predictions depend on the image
+  state = state.replace(params=jax.tree_util.tree_map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(5), p.shape), state.params))
+  npz = str(tmp_path / "r.npz")
+  train.save_params_npz(npz, state.params, cfg, dtype=np.float32)
+  workdir = tmp_path / "work"
+  os.makedirs(workdir)
+  (workdir / "config.json").write_text(train.config_to_json(cfg))
+  train.save_checkpoint(train.checkpoint_manager(str(workdir)), state, 1, 0)
+  by_npz = evaluate.evaluate("aflw2000_3d", str(aflw_dir), model, CONFIG, batch_size=4,
+                             checkpoint=npz)
+  by_dir = evaluate.evaluate("aflw2000_3d", str(aflw_dir), model, CONFIG, batch_size=4,
+                             checkpoint=str(workdir))
+  assert by_npz["num_images"] == 3 and by_npz["failures"] == 0
+  np.testing.assert_allclose(by_npz["per_image_nme"], by_dir["per_image_nme"], atol=1e-6)
+  # the crops' predictions are the parameters' own
+  image = io.read_image(aflw_dir / "image00001.jpg")
+  crop = augment.crop_to_landmarks(image, _gt_points(aflw_dir, 1), STUB_SIZE)[0]
+  want = train.predict(state.params, jnp.asarray(crop[None]), net=net, model=model)
+  rec = reconstructor.Reconstructor(regressor=npz)
+  got = rec.regressor(jnp.asarray(crop[None]))
+  np.testing.assert_allclose(got.rotation, want.rotation, atol=1e-4)
+  np.testing.assert_allclose(got.identity, want.identity, atol=1e-4)
+  assert np.abs(np.asarray(want.rotation)).max() > 1e-3  # not the frontal mean face
