@@ -12,8 +12,9 @@ the regressor crops) with IoU >= 0.5 with augment.face_box of the ground-truth 6
 (pt3d_68 x, y + 0.5: dff3d pixels). "extra": detections not matching the annotated face
 (AFLW2000-3D annotates one face per image: some extras are real other faces). Modes:
 
-  hog       detector="hog" (upsample 1, the image as is: 450 px)
+  hog       detector="hog" (default upsample: 0, then 1 where 0 finds nothing; 450 px as is)
   hog0      detector="hog", upsample 0
+  hog1      detector="hog", upsample 1 (the default before session 6)
   cnn       detector="cnn" (upsample 0 on a copy of longer side detect.CNN_MAX_SIDE)
   cnn300    detector="cnn", cnn_max_side=300
   cnn_full  detector="cnn", upsample 1 on the full image (about 7 s per image here: only
@@ -21,6 +22,7 @@ the regressor crops) with IoU >= 0.5 with augment.face_box of the ground-truth 6
   auto      detector="auto" (HOG; the CNN as "cnn" where HOG finds nothing)
   both      detector="both" (HOG and the CNN always, merged)
   auto0     detector="auto", upsample=0 (HOG then finds faces of 80 px and more only)
+  auto1     detector="auto", upsample=1 (HOG always at upsample 1)
   auto200   detector="auto", cnn_max_side=200
 
 Each line: mode, images and found per group (0-30, 30-60, 60-90), extra, cnn_runs (images
@@ -54,12 +56,14 @@ _DATA = os.path.join(_HERE, "..", "..", "shared", "data")
 MODES = {
     "hog": dict(detector="hog"),
     "hog0": dict(detector="hog", upsample=0),
+    "hog1": dict(detector="hog", upsample=1),
     "cnn": dict(detector="cnn"),
     "cnn300": dict(detector="cnn", cnn_max_side=300),
     "cnn_full": dict(detector="cnn", upsample=1, cnn_max_side=1 << 30),
     "auto": dict(detector="auto"),
     "both": dict(detector="both"),
     "auto0": dict(detector="auto", upsample=0),
+    "auto1": dict(detector="auto", upsample=1),
     "auto200": dict(detector="auto", cnn_max_side=200),
 }
 

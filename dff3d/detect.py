@@ -373,7 +373,8 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
       every face either finds).
     upsample: how many times dlib doubles the detection image first: each step halves the
       smallest face found (HOG: about 80 px at 0, 40 px at 1, in the detection image) and
-      costs x4. None: 1 for HOG, 0 for the CNN.
+      costs x4. None: HOG at 0, and at 1 only when that finds no face (a face under ~80 px
+      beside a larger one is then missed: pass 1 for group photos); the CNN at 0.
     min_score: boxes with a detector score at or below this are dropped (the CNN returns
       nothing below 0). None: MIN_SCORE's per-detector thresholds (HOG 0.3, CNN 0).
     max_side: the image is first downscaled (antialiased) so that its longer side is at most
@@ -396,14 +397,16 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
   hog_min = MIN_SCORE["hog"] if min_score is None else float(min_score)
   cnn_min = MIN_SCORE["cnn"] if min_score is None else float(min_score)
   img = _to_uint8(image)
-  hog_up = 1 if upsample is None else int(upsample)
   cnn_up = 0 if upsample is None else int(upsample)
   cnn_side = min(int(max_side), int(cnn_max_side))
-  if detector == "hog":
-    return nms(_hog_boxes(img, hog_up, hog_min, max_side), nms_iou)
   if detector == "cnn":
     return nms(_cnn_boxes(img, cnn_up, cnn_min, cnn_side), nms_iou)
-  hog = _hog_boxes(img, hog_up, hog_min, max_side)
+  if upsample is None:  # coarse first (a quarter of the pixels); finer only if it finds none
+    hog = _hog_boxes(img, 0, hog_min, max_side) or _hog_boxes(img, 1, hog_min, max_side)
+  else:
+    hog = _hog_boxes(img, int(upsample), hog_min, max_side)
+  if detector == "hog":
+    return nms(hog, nms_iou)
   if detector == "auto" and hog:
     return nms(hog, nms_iou)
   return nms(_cnn_boxes(img, cnn_up, cnn_min, cnn_side) + hog, nms_iou)

@@ -292,7 +292,8 @@ def _write_image(run: _Run, reconstructor, p: _Pending, faces) -> None:
       if face is None:
         continue
       records.append(outputs_lib.write_face(folder, f"{stem}_{k}", reconstructor.model,
-                                            p.image, face, cfg.kinds, cfg.texture_size))
+                                            p.image, face, cfg.kinds, cfg.texture_size,
+                                            outputs_lib.overlay_suffix(p.item.path)))
     io.write_json(json_path, {"image": p.item.path, "outputs": list(cfg.kinds),
                               "faces": records})
     run.images += 1

@@ -17,7 +17,8 @@ fitted to its points.
 Outputs mirror the input folder: DIR/<relative path without extension>.json, written last:
   {"image": path, "outputs": [kinds], "faces": [{"bbox": [x0, y0, x1, y1], "score", "source",
    "landmarks_2d": [[x, y] x 68], "landmarks_3d": [[x, y, z] x 68],
-   "pose_deg": {"yaw", "pitch", "roll"}, "mesh": "<stem>_<k>.obj", "overlay": "<stem>_<k>.png",
+   "pose_deg": {"yaw", "pitch", "roll"}, "mesh": "<stem>_<k>.obj",
+   "overlay": "<stem>_<k>.jpg" (for a JPEG photo; .png otherwise),
    "coefficients": "<stem>_<k>.npz", "depth": {"file", "scale", "offset", ...},
    "textured_mesh": "<stem>_<k>_textured.obj"}]}
 2D coordinates are photo pixels with dff3d's convention (pixel centres at integer + 0.5;

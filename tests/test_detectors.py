@@ -151,12 +151,30 @@ def test_frontal_face_hog_cnn_both():
   np.testing.assert_array_equal(both[0].rect, cnn[0].rect)
   # the calibrated crop boxes of the two detectors frame the face alike
   assert detect.box_iou(detect.crop_box(hog[0]), detect.crop_box(cnn[0])) > 0.7
-  # landmarks of a HOG box are detect_faces' own
-  face = detect.detect_faces(image)[0]
+  # landmarks of a HOG box are detect_faces' own (the face is large: found at upsample 0)
+  face = detect.detect_faces(image, upsample=0)[0]
   np.testing.assert_array_equal(face.bbox, hog[0].rect)
   np.testing.assert_array_equal(detect.landmarks_in_box(image, hog[0]), face.landmarks)
   lm_cnn = detect.landmarks_in_box(image, cnn[0])
   assert np.abs(lm_cnn - face.landmarks).mean() < 0.03 * (gt_box[2] - gt_box[0])
+
+
+def test_hog_upsamples_only_when_the_coarse_pass_finds_nothing(monkeypatch):
+  image, gt_box = _sample(FRONTAL)
+  calls = []
+  hog_boxes = detect._hog_boxes
+  monkeypatch.setattr(detect, "_hog_boxes", lambda img, up, *a: calls.append(up) or
+                      hog_boxes(img, up, *a))
+  # a large face: the coarse pass (a quarter of the pixels of upsample 1) finds it
+  assert _matches(detect.detect_boxes(image, detector="hog"), gt_box) and calls == [0]
+  # the same photo at a sixth of the size: a ~50 px face, below HOG's 80 px window (at a
+  # quarter, 73 px, the coarse pass still found it)
+  small = image[2::6, 2::6]
+  calls.clear()
+  assert not detect.detect_boxes(small, detector="hog", upsample=0)
+  found = detect.detect_boxes(small, detector="hog")
+  assert calls == [0, 0, 1]
+  assert _matches(found, gt_box / 6.0)
 
 
 @pytest.mark.parametrize("detector,max_side", [("hog", 450), ("cnn", 450)])

@@ -132,6 +132,11 @@ def test_run_writes_reports_and_resumes(folder, tmp_path):
   assert [f["image"] for f in saved] == [f.image for f in summary.failures]
   rec = json.loads((out / "b.json").read_text())
   assert [f["overlay"] for f in rec["faces"]] == ["b_0.png", "b_1.png"]
+  # a JPEG photo's overlay is a JPEG (PNG took ~20x longer to encode at 1080p)
+  rec_jpg = json.loads((out / "a_jpg.json").read_text())
+  assert [f["overlay"] for f in rec_jpg["faces"]] == ["a_jpg_0.jpg"]
+  with open(out / "a_jpg_0.jpg", "rb") as f:
+    assert f.read(3) == b"\xff\xd8\xff"
   assert (out / "sub" / "deep" / "a.json").is_file() and (out / "a_jpg_0.npz").is_file()
   assert not (out / "nan.json").exists()
   assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
