@@ -405,9 +405,7 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
     hog = _hog_boxes(img, 0, hog_min, max_side) or _hog_boxes(img, 1, hog_min, max_side)
   else:
     hog = _hog_boxes(img, int(upsample), hog_min, max_side)
-  if detector == "hog":
-    return nms(hog, nms_iou)
-  if detector == "auto" and hog:
+  if detector == "hog" or (detector == "auto" and hog):
     return nms(hog, nms_iou)
   return nms(_cnn_boxes(img, cnn_up, cnn_min, cnn_side) + hog, nms_iou)
 
