@@ -32,6 +32,20 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_code():
+  """Drops JAX's compilation caches after every test module. XLA:CPU keeps each compiled
+  executable's code in its own memory mappings (about three per code section) and Linux caps
+  a process at vm.max_map_count mappings (65,530 by default): the whole suite in one process
+  compiled past that and XLA aborted mid-compile (exit 134). Clearing per module keeps the
+  count at what one module needs."""
+  yield
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
+
+
 def np_rotation(angles):
   """Float64 reference of camera.rotation_matrix: R = Rz(roll) Ry(yaw) Rx(pitch) from
   (pitch, yaw, roll) radians."""
