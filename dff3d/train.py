@@ -72,6 +72,8 @@ class TrainConfig:
   log_every_steps: int = 20
   eval_every_steps: int = 500
   checkpoint_every_steps: int = 0  # 0: at epoch ends (and on request) only
+  init_params: str = ""            # fine-tune: start from these parameters ("shipped", a .npz
+                                   # or a workdir); Adam and error statistics start fresh
   seed: int = 0
 
   def replace(self, **kw):
@@ -447,6 +449,19 @@ def workdir_params(checkpoint: str, model: mm.MorphableModel):
   return restored.state["params"], config
 
 
+def read_params(checkpoint: str, model: mm.MorphableModel):
+  """(params, TrainConfig) of "shipped" (dff3d/assets/regressor.npz), a .npz written by
+  save_params_npz, or a training workdir (or its checkpoints folder)."""
+  if checkpoint == "shipped":
+    checkpoint = SHIPPED_REGRESSOR
+    if not os.path.isfile(checkpoint):
+      raise FileNotFoundError(f"{checkpoint}: the shipped regressor is missing from the "
+                              "installation")
+  if checkpoint.endswith(".npz"):
+    return load_params_npz(checkpoint)
+  return workdir_params(checkpoint, model)
+
+
 def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableModel] = None):
   """A jitted function crops (B, S, S, 3) -> Coefficients, with `.image_size` S and
   `.config`.
@@ -456,20 +471,37 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
   config.json names the network; only the parameters are restored.
   """
   model = model if model is not None else mm.default_model()
-  if checkpoint == "shipped":
-    checkpoint = SHIPPED_REGRESSOR
-    if not os.path.isfile(checkpoint):
-      raise FileNotFoundError(f"{checkpoint}: the shipped regressor is missing from the "
-                              "installation")
-  if checkpoint.endswith(".npz"):
-    params, config = load_params_npz(checkpoint)
-  else:
-    params, config = workdir_params(checkpoint, model)
+  params, config = read_params(checkpoint, model)
   net = make_network(config, model)
   fn = jax.jit(lambda images: predict(params, images, net=net, model=model))
   fn.image_size = config.image_size
   fn.config = config
   return fn
+
+
+def load_init_params(config: TrainConfig, model: mm.MorphableModel):
+  """The float32 parameters of config.init_params, checked to be this config's network
+  (backbone, width, head, crop size); ValueError / FileNotFoundError naming the source."""
+  params, source = read_params(config.init_params, model)
+  if ((source.backbone, source.width, source.fc_width, source.image_size)
+      != (config.backbone, config.width, config.fc_width, config.image_size)):
+    raise ValueError(
+        f"{config.init_params}: a {source.backbone} x{source.width} network at "
+        f"{source.image_size} px, not this config's {config.backbone} x{config.width} at "
+        f"{config.image_size} px")
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def init_from(state: TrainState, config: TrainConfig, model: mm.MorphableModel,
+              tx) -> TrainState:
+  """A fresh state whose parameters are those of config.init_params (fine-tuning); Adam and
+  the error statistics start anew."""
+  params = load_init_params(config, model)
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
+  if shapes(params) != shapes(state.params):
+    raise ValueError(f"{config.init_params}: parameter shapes differ from this config's "
+                     "network (another morphable model?)")
+  return state.replace(params=params, opt_state=tx.init(params))
 
 
 def parse_weights(weights: losses.LossWeights, items) -> losses.LossWeights:
@@ -548,6 +580,14 @@ def _workdir_pseudo68(config: TrainConfig, workdir: str, verbose: bool) -> str:
   return path
 
 
+def host_batch(batch) -> dict:
+  """The training step's inputs of one pipeline batch as NumPy: image (B, S, S, 3),
+  landmarks (B, 68, 2), landmarks_visible (B, 68) float32; landmark_set (B,) int32."""
+  out = {k: np.asarray(batch[k], np.float32) for k in ("image", "landmarks", "landmarks_visible")}
+  out["landmark_set"] = np.asarray(batch["landmark_set"], np.int32)
+  return out
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[int] = None,
                        sources_override=None, verbose: bool = True,
                        max_seconds: Optional[float] = None):
@@ -613,6 +653,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
     state, epoch, skip = restored
     if verbose:
       print(f"resumed from step {int(state.step)} (epoch {epoch}, batch {skip})")
+  elif config.init_params:
+    state = init_from(state, config, model, tx)
+    if verbose:
+      print(f"parameters from {config.init_params}")
   state = jax.device_put(state, replicated)
 
   step_fn = functools.partial(train_step, model=model, table=table, net=net, tx=tx,
@@ -652,10 +696,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, max_steps: Optional[in
                                                           after=state):
           finished = False
           break
-        batch = distributed.global_batch(
-            {k: np.asarray(batch[k], np.float32)
-             for k in ("image", "landmarks", "landmarks_visible")}
-            | {"landmark_set": np.asarray(batch["landmark_set"], np.int32)}, data_sharding)
+        batch = distributed.global_batch(host_batch(batch), data_sharding)
         state, aux = step_fn(state, batch, on)
         step += 1
         done_in_epoch += 1

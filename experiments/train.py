@@ -4,6 +4,7 @@ r"""Train the regressor.
 
 Resumes from the workdir's latest checkpoint. Writes workdir/metrics.jsonl and Orbax
 checkpoints (each epoch, every --checkpoint_every_steps, at the end, and on Ctrl-C / SIGTERM).
+--init_params=shipped (or a .npz / workdir) fine-tunes from those parameters in a new workdir.
 
 Several processes (hosts) train as one (dff3d.distributed): start the same command in every
 process with --coordinator_address=HOST0:PORT --num_processes=N --process_id=i (on TPU pods
@@ -13,6 +14,7 @@ and under SLURM / MPI the flags can be left out); --batch_size is the global bat
 from absl import app, flags, logging
 
 from dff3d import distributed
+from dff3d import morphable_model as mm
 from dff3d import train
 from experiments import configs
 
@@ -48,6 +50,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process t
                                    "--process_id); SLURM, MPI and TPU pods are detected.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0 logs).")
+_LR_DECAYED = flags.DEFINE_float("decayed_learning_rate", None,
+                                  "Override: learning rate after the decay.")
+_INIT = flags.DEFINE_string("init_params", None, "Fine-tune: start from these parameters "
+                            "('shipped', a regressor .npz or a training workdir).")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -69,13 +75,19 @@ def main(argv):
                "seed": _SEED.value, "aflw_pseudo68": _PSEUDO.value, "aflw_labels": _LABELS.value,
                "aflw_dir": _AFLW_DIR.value, "aflw_max_train": _MAX_TRAIN.value,
                "synthetic_mix": _MIX.value, "dev_dir": _DEV.value, "decay_epoch": _DECAY.value,
-               "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value}
+               "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value,
+               "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if _WEIGHTS.value:
     try:
       config = config.replace(weights=train.parse_weights(config.weights, _WEIGHTS.value))
     except ValueError as e:
       raise app.UsageError(f"--loss_weights: {e}") from None
+  if config.init_params:
+    try:
+      train.load_init_params(config, mm.default_model())
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(f"--init_params: {e}") from None
   train.train_and_evaluate(config, _WORKDIR.value, max_steps=_MAX_STEPS.value,
                            max_seconds=None if _MAX_MINUTES.value is None
                            else 60.0 * _MAX_MINUTES.value)

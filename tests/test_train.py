@@ -167,6 +167,25 @@ def test_kill_between_epoch_ends_resumes_from_the_step_checkpoint(tmp_path, sour
   assert_same_losses(got, losses_by_step(straight), range(1, 9))
 
 
+def test_init_params_starts_from_saved_parameters_and_rejects_another_network(tmp_path,
+                                                                             sources):
+  cfg = tiny_config()
+  model = mm.default_model()
+  net = train.make_network(cfg, model)
+  tx, _ = train.make_optimizer(cfg, 4)
+  saved = train.create_train_state(jax.random.PRNGKey(7), net, tx, cfg.image_size).params
+  path = str(tmp_path / "start.npz")
+  train.save_params_npz(path, saved, cfg, dtype=np.float32)
+  state = train.train_and_evaluate(cfg.replace(init_params=path), str(tmp_path / "run"),
+                                   max_steps=0, sources_override=sources, verbose=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), saved)
+  fresh = train.create_train_state(jax.random.PRNGKey(cfg.seed), net, tx, cfg.image_size)
+  leaves = zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(fresh.params))
+  assert any(not np.array_equal(a, b) for a, b in leaves)  # seed 7 is not the config's seed
+  with pytest.raises(ValueError, match="start.npz: a light x0.125 network at 32 px, not"):
+    train.init_from(fresh, cfg.replace(init_params=path, width=0.25), model, tx)
+
+
 def test_config_json_roundtrip():
   cfg = configs.get_config("paper")
   assert train.config_from_json(train.config_to_json(cfg)) == cfg
@@ -182,11 +201,7 @@ def landmark_only_config():
 
 def _first_batch(pipe):
   """One fixed training batch as jnp arrays (the loop's dtypes)."""
-  b = next(iter(pipe.epoch(0)))
-  out = {k: jnp.asarray(np.asarray(b[k], np.float32))
-         for k in ("image", "landmarks", "landmarks_visible")}
-  out["landmark_set"] = jnp.asarray(np.asarray(b["landmark_set"], np.int32))
-  return out
+  return jax.tree_util.tree_map(jnp.asarray, train.host_batch(next(iter(pipe.epoch(0)))))
 
 
 def test_loss_and_held_out_nme_fall_on_a_fixed_batch(sources):
