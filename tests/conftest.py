@@ -32,6 +32,22 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+# Files that take minutes (measured, `--durations`), longest first: collected first, they start
+# first on the xdist workers, so that the workers finish together instead of one idling while
+# the other runs the last long file alone.
+SLOW_FILES = ("test_dff_paths.py", "test_train.py", "test_train_multiprocess.py",
+              "test_reconstruct.py", "test_real_training.py", "test_train_multidevice.py",
+              "test_imagewise.py", "test_dff_real_pairs.py", "test_synthetic.py",
+              "test_evaluate.py", "test_fitting.py", "test_dff_training.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Slow files first (SLOW_FILES order), the rest as collected; tests within a file keep
+  their order (the sort is stable)."""
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_code():
   """Drops JAX's compilation caches after every test module. XLA:CPU keeps each compiled
