@@ -1140,8 +1140,11 @@ def _outline_hits_image(screen_vertices, triangles, twins, height, width, cull_b
 
   def more(carry):  # further chunks (rarely: more than 1/16 of the half-edges)
     start, keys = carry
-    lanes = (lane % total).at[slot - start].set(jnp.arange(total, dtype=jnp.int32),
-                                                mode="drop")
+    # The silhouette half-edges of ranks start ... start + capacity - 1. Not `slot - start`
+    # alone: the other half-edges' slot is `capacity` too, and negative indices wrap.
+    in_chunk = flags & (slot >= start) & (slot < start + capacity)
+    lanes = (lane % total).at[jnp.where(in_chunk, slot - start, capacity)].set(
+        jnp.arange(total, dtype=jnp.int32), mode="drop")
     return start + capacity, _scatter_crossings(keys, lanes, start + lane < count, mesh,
                                                 height, width)
 

@@ -398,6 +398,39 @@ def test_soft_silhouette_tracks_the_outline():
   assert np.all(grad[..., 2] == 0) and np.all(grad[0, 4:] == 0)
 
 
+def _disc_mesh(radii, per_ring):
+  """The unit disc as a fan around its centre and strips between rings of points.
+
+  Args:
+    radii: ring radii, increasing, the last 1; per_ring: points per ring (odd rings are
+      turned by half a step).
+
+  Returns:
+    points: (N, 2) float64, N = 1 + len(radii) per_ring (the centre first).
+    triangles: (T, 3) int32, T = per_ring (2 len(radii) - 1), all clockwise on screen
+      (negative signed area: front faces), consistently oriented.
+  """
+  m = per_ring
+  points = [np.zeros((1, 2))]
+  for k, r in enumerate(radii):
+    a = 2 * np.pi * (np.arange(m) + 0.5 * (k % 2)) / m
+    points.append(r * np.stack([np.cos(a), np.sin(a)], 1))
+  ring = lambda k, j: 1 + k * m + (np.asarray(j) % m)
+  j = np.arange(m)
+  tris = [np.stack([np.zeros(m, int), ring(0, j), ring(0, j + 1)], 1)]
+  for k in range(1, len(radii)):
+    if k % 2:  # the outer ring is turned forward: its point j lies between inner j and j + 1
+      tris += [np.stack([ring(k - 1, j), ring(k, j), ring(k - 1, j + 1)], 1),
+               np.stack([ring(k - 1, j + 1), ring(k, j), ring(k, j + 1)], 1)]
+    else:  # the inner ring is turned forward
+      tris += [np.stack([ring(k - 1, j), ring(k, j), ring(k, j + 1)], 1),
+               np.stack([ring(k - 1, j), ring(k, j + 1), ring(k - 1, j + 1)], 1)]
+  points, tris = np.concatenate(points), np.concatenate(tris).astype(np.int32)
+  x, y = points[tris, 0], points[tris, 1]
+  area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (x[:, 2] - x[:, 0]) * (y[:, 1] - y[:, 0])
+  return points, np.where((area > 0)[:, None], tris[:, ::-1], tris)
+
+
 def test_antialias_sparse_and_dense_paths_agree(monkeypatch):
   # Many small triangles over a background: a long, ragged outline (with holes).
   rng = np.random.default_rng(5)
@@ -424,6 +457,34 @@ def test_antialias_sparse_and_dense_paths_agree(monkeypatch):
   assert np.abs(sparse[2][..., :2]).max() > 0.1  # and moves with the vertices
   for a, b in zip(sparse, dense):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_outline_search_in_chunks_matches_one_pass(monkeypatch):
+  # Silhouette half-edges are searched in chunks of 1/16 of the half-edges. A 7-triangle fan
+  # (7 silhouette and 14 interior half-edges) and 21 separate random triangles (silhouette
+  # edges only): 70 of 84 half-edges per image are silhouettes, so the default share (5 per
+  # chunk) needs 14 chunks, a share of 10**9 one chunk per edge; both must give the
+  # crossings of one pass over all half-edges. Before the fix, later chunks also picked up
+  # interior half-edges (their slot and negative indices collided with the chunk's first
+  # lane): 38 of the 15,360 keys differed, and a coarse fan lost two outline edges.
+  rng = np.random.default_rng(12)
+  sv, tris = random_mesh(rng, batch=2, layers=1, per_kind=(8, 12, 1))
+  points, fan = _disc_mesh((1.0,), 7)
+  fan_sv = np.concatenate([points * 9.0 + [20.3, 17.6], np.full((8, 1), 1.5)], 1)
+  sv = np.concatenate([np.broadcast_to(fan_sv, (2, 8, 3)), sv], 1).astype(np.float32)
+  tris = np.concatenate([fan, tris + 8]).astype(np.int32)
+  twins = R.half_edge_twins(tris)
+  assert (np.asarray(twins) >= 0).sum() == 14
+
+  def run(share):
+    monkeypatch.setattr(R, "_SILHOUETTE_SHARE", share)
+    hits = jax.jit(lambda s: R._outline_hits(s, jnp.asarray(tris), twins, H, W, False, 1e-3))
+    return np.asarray(hits(jnp.asarray(sv)))  # a fresh trace: the share is read there
+
+  one_pass = run(1)
+  assert (one_pass >= 0).sum() > 300, (one_pass >= 0).sum()  # measured 626
+  np.testing.assert_array_equal(run(16), one_pass)
+  np.testing.assert_array_equal(run(10**9), one_pass)
 
 
 def test_batched_derivatives_match_single_images_in_both_modes():
