@@ -663,6 +663,24 @@ def test_outline_search_in_chunks_matches_one_pass(monkeypatch):
   np.testing.assert_array_equal(run(10**9), one_pass)
 
 
+def test_half_edge_twins_concrete_and_traced_agree():
+  # The ellipse mesh, one triangle wound the wrong way, a degenerate one and a non-manifold
+  # edge: NumPy (concrete triangles), the one-key sort (traced, N <= 65535) and the
+  # three-key sort (traced, larger N) give the same twins.
+  _, tris = _disc_mesh((0.5, 1.0), 12)
+  tris = np.concatenate([tris, [[1, 2, 3], [5, 5, 6], [0, 1, 14]]]).astype(np.int32)
+  twins = np.asarray(R.half_edge_twins(tris))
+  for n in (tris.max() + 1, 70000):
+    traced = jax.jit(lambda t, n=n: R.half_edge_twins(t, n))(jnp.asarray(tris))
+    np.testing.assert_array_equal(np.asarray(traced), twins)
+  u, v = tris[:, [1, 2, 0]].reshape(-1), tris[:, [2, 0, 1]].reshape(-1)
+  has = twins >= 0
+  np.testing.assert_array_equal(u[twins[has]], v[has])  # a twin runs the other way
+  np.testing.assert_array_equal(v[twins[has]], u[has])
+  assert not has[3 * 37 + 2]  # the degenerate edge 5 -> 5
+  assert has.sum() > 90 and (~has).sum() > 10, has.sum()  # measured 101 and 16
+
+
 def test_batched_derivatives_match_single_images_in_both_modes():
   # Derivatives of barycentrics / interpolate run image by image (custom JVP): a batch of two
   # must give each image's own gradient, and forward mode must agree with reverse mode.
