@@ -20,6 +20,7 @@ import numpy as np
 
 from dff3d import coefficients as coeffs_lib
 from dff3d import landmarks as lm
+from dff3d import rasterizer
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_MODEL_PATH = os.path.join(ASSET_DIR, "ict_face_model.npz")
@@ -45,6 +46,10 @@ class MorphableModel:
   face_region: (N,) float32, 1 on the facial skin area that the photometric loss compares
     (forehead to chin, cheek to cheek; no scalp, ears or neck), 0 elsewhere.
   uv: (U, 2) float32 or None; triangle_uv: (T, 3) int32 or None (texture coordinates).
+  triangle_twins: (3T,) int32 or None, `rasterizer.half_edge_twins(triangles)`: the mesh
+    adjacency that `render` passes to `rasterizer.antialias`. `make_model` computes it once
+    (NumPy), so that a model passed as a jit argument (train step, fitting) does not sort its
+    edges on every call; when None, `antialias` computes it. Replace it with `triangles`.
   name, units, expression_names: static metadata.
   """
   mean_shape: jnp.ndarray
@@ -60,6 +65,7 @@ class MorphableModel:
   face_region: jnp.ndarray
   uv: Optional[jnp.ndarray] = None
   triangle_uv: Optional[jnp.ndarray] = None
+  triangle_twins: Optional[jnp.ndarray] = None
   name: str = flax.struct.field(pytree_node=False, default="")
   units: str = flax.struct.field(pytree_node=False, default="")
   expression_names: Tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
@@ -101,8 +107,8 @@ def make_model(mean_shape, identity_basis, expression_basis, albedo_mean, albedo
                triangles, landmarks, uv=None, triangle_uv=None, name="", units="",
                expression_names=(), face_region=None):
   """Build a MorphableModel from numpy arrays (cast to float32 / int32), with the iBUG
-  contour / inner split and flip permutation of dff3d.landmarks; the face region defaults to
-  face_region_from_landmarks."""
+  contour / inner split and flip permutation of dff3d.landmarks and the triangles' half-edge
+  twins; the face region defaults to face_region_from_landmarks."""
   if face_region is None:
     face_region = face_region_from_landmarks(mean_shape, landmarks)
   f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
@@ -115,6 +121,7 @@ def make_model(mean_shape, identity_basis, expression_basis, albedo_mean, albedo
       face_region=f32(face_region),
       uv=None if uv is None else f32(uv),
       triangle_uv=None if triangle_uv is None else i32(triangle_uv),
+      triangle_twins=rasterizer.half_edge_twins(np.asarray(triangles, np.int32)),
       name=name, units=units, expression_names=tuple(str(s) for s in expression_names))
 
 

@@ -43,11 +43,18 @@ regression"):
 3. Silhouettes (`antialias`, `soft_silhouette`, differentiable). The z-buffer alone gives no
    gradient for moving the outline. `antialias` is an analytic edge antialiasing in the manner of
    nvdiffrast's `antialias` (Laine et al. 2020), restricted to face-against-background
-   boundaries: for every pair of 4-neighbour pixels with one covered and one uncovered pixel, the
-   point where the covered pixel's triangle edge crosses the segment between the two pixel
-   centres is found analytically; the pixel on the side of the crossing is blended towards its
+   boundaries: for every pair of 4-neighbour pixels with one covered and one uncovered pixel,
+   the point where the segment between the two pixel centres leaves the covered region for the
+   last time is found analytically; the pixel on the side of the crossing is blended towards its
    neighbour by the fraction of the pixel (a 1-pixel box filter across the edge) that lies
-   beyond the edge. Only the outline pixels are processed (listed by `_compact`, one
+   beyond the edge. The crossing lies on a silhouette edge: an edge of a drawn triangle with no
+   drawn neighbour of the same orientation across it (triangle adjacency: `half_edge_twins`).
+   Silhouette edges are listed and every crossing of one with a pixel-pair segment is recorded
+   for its pair (a scatter-max ordered by the position along the segment), so the crossing is
+   on the outline of the whole drawn mesh, not on an edge of the covered pixel's own triangle:
+   on a dense mesh the outline triangles are much smaller than a pixel, and the outline is
+   often formed by another sheet of the mesh behind the pixel's (a cheek's contour in front of
+   the ear). Only the outline pixels are blended (listed by `_compact`, one
    gather-blend-scatter over them) unless they exceed 1/16 of the image, where a dense path
    over every pixel gives the same result. The crossed edge is chosen without gradients; the
    crossing position moves with that edge's two vertices, so the blended image has a gradient
@@ -71,17 +78,21 @@ Limits:
   drawn. Non-finite vertices are not supported.
 - Visibility is not differentiable (as in Genova et al.); outline gradients come only from
   `antialias` / `soft_silhouette`, and only at face/background boundaries, not at occlusion
-  boundaries inside the covered region.
+  boundaries inside the covered region, nor where the outline is within half a pixel of the
+  image border (no neighbour beyond it), nor for features thinner than a pixel between two
+  pixel centres (a slit or spike that covers or uncovers no pixel centre).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Small-triangle path: candidate window per triangle (pixel centres per side); the medium
 # path uses a _BLOCK x _BLOCK window. List capacities: at most 1 / _SMALL_SHARE of the
@@ -125,6 +136,9 @@ class Raster:
       corners (`triangles[triangle_id, k]`); uncovered pixels hold some valid vertex id, so
       mask with `mask`. Computed once by `rasterize` and shared by `interpolate` and
       `antialias`; None in a `Raster` built by hand (they then compute it).
+    cull_backfaces, near: static, the `rasterize` arguments the raster was made with: which
+      triangles are drawn, whose outline `antialias` finds. A `Raster` built by hand has
+      `rasterize`'s defaults.
   """
 
   triangle_id: jax.Array
@@ -132,6 +146,8 @@ class Raster:
   depth: jax.Array
   mask: jax.Array
   corner_ids: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None
+  cull_backfaces: bool = flax.struct.field(pytree_node=False, default=False)
+  near: float = flax.struct.field(pytree_node=False, default=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,7 +732,8 @@ def rasterize(screen_vertices, triangles, image_size: Tuple[int, int], *,
   corners = corner_ids(triangles, ids)
   bary, depth = _barycentrics_per_image(screen_vertices.astype(jnp.float32), ids, corners)
   return Raster(triangle_id=ids, barycentrics=bary, depth=depth,
-                mask=(ids >= 0).astype(jnp.float32), corner_ids=corners)
+                mask=(ids >= 0).astype(jnp.float32), corner_ids=corners,
+                cull_backfaces=cull_backfaces, near=near)
 
 
 def interpolate(attributes, raster: Raster, triangles):
@@ -834,80 +851,352 @@ def _dense_outline(covered):
           for axis, step in _DIRECTIONS]
 
 
-def _edge_codes(x, y, px, py, outline):
-  """Which triangle edge each outline pixel pair crosses (no gradients), bit-packed.
+# ----------------------------------------------------------------------------------------------
+# Mesh adjacency and outline crossings
+# ----------------------------------------------------------------------------------------------
+# Half-edge h = 3 t + i is edge i of triangle t: from corner i+1 to corner i+2 (opposite
+# corner i, as in `_edges_at`).
 
-  Works on any pixel layout: dense planes (B, H, W) or a list of pixels (K,).
+# XLA:CPU sorts one integer operand ~5x faster than a key with a payload: traced triangles
+# of meshes up to this many vertices get one uint32 key per edge.
+_SINGLE_KEY_VERTICES = 65535
+# Silhouette half-edges are processed in chunks of 1 / _SILHOUETTE_SHARE of all B * 3T
+# half-edges (the ICT face: ~2.2% of its half-edges are silhouettes, one chunk).
+_SILHOUETTE_SHARE = 16
+# Bits of the crossing fraction t in an outline key (see `_outline_hits`), at most.
+_T_BITS = 15
+
+
+def half_edge_twins(triangles, num_vertices=None):
+  """Triangle adjacency: the neighbour's half-edge across every half-edge.
+
+  The twin of half-edge h (vertex u -> v of triangle t) is a half-edge v -> u of another
+  triangle: the neighbour across that edge in a consistently oriented mesh. Mesh boundary
+  edges, edges whose only other triangle runs the same way (inconsistent winding) and
+  degenerate edges (u == v) have none. On a non-manifold edge the twin is the largest
+  reversed half-edge id (not necessarily mutual).
 
   Args:
-    x, y: 3 x S float32 screen corners of each pixel's visible triangle.
-    px, py: float32 pixel centres, broadcastable to S.
-    outline: 4 x S bool, per direction d of `_DIRECTIONS`: p covered, p + d inside the image
-      and not covered.
+    triangles: (T, 3) int vertex ids. Concrete (NumPy, or a jax array outside a trace) is
+      computed with NumPy and cached; traced (e.g. a model passed as a jit argument) with
+      jnp: one sort of the 3T edge keys (the ICT face on a 2-core CPU: ~5 ms; pass the
+      result to `antialias` to compute it only once).
+    num_vertices: static N > every vertex id; needed only for traced triangles.
 
   Returns:
-    S int32; bits `3d .. 3d+2` hold a code for direction d: 0 = no crossing, else
-    `1 + i + 3 * first` (decoded by `_unpack_edge`). A crossing is recorded when the segment
-    p -> p + d leaves p's triangle through edge i (corner i+1 -> i+2) and that edge belongs to
-    this axis (closer to vertical for horizontal pairs); `first` means the crossing is in p's
-    half (t < 1/2). One packed output lets XLA compute all directions in a single loop.
+    (3T,) int32 twin half-edge ids `3 t' + i'`, -1 where none.
   """
-  edges = _edges_at(x, y, px, py)
-  area = edges[0][2] + edges[1][2] + edges[2][2]
-  sign = jnp.where(area < 0, -1.0, 1.0)
-  packed = jnp.zeros(area.shape, jnp.int32)
-  for d, (axis, step) in enumerate(_DIRECTIONS):
-    horizontal = axis == 2
-    best = jnp.full(area.shape, 2.0, jnp.float32)
-    which = jnp.full(area.shape, -1, jnp.int32)
-    for i, (ex, ey, e) in enumerate(edges):
-      e_p = sign * e  # oriented edge function at p (>= 0 inside)
-      slope = sign * step * (-ey if horizontal else ex)  # its change per step towards q
-      leaves = (e_p + slope < 0) & (slope < 0)
-      t = e_p / jnp.where(leaves, -slope, 1.0)
-      better = leaves & (t < best)
-      best = jnp.where(better, t, best)
-      steep = jnp.abs(ey) >= jnp.abs(ex)
-      which = jnp.where(better, jnp.where(steep == horizontal, i, 3), which)
-    use = outline[d] & (which >= 0) & (which < 3) & (best <= 1.0)
-    code = jnp.where(use, 1 + which + jnp.where(best < 0.5, 3, 0), 0)  # 0 .. 6
-    packed = packed | (code << (3 * d))
-  return packed
+  try:
+    tri = np.asarray(triangles)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    if num_vertices is None:
+      raise ValueError("half_edge_twins of traced triangles needs num_vertices") from None
+    return _twins_traced(jnp.asarray(triangles, jnp.int32), num_vertices)
+  tri = np.ascontiguousarray(tri, np.int32).reshape(-1, 3)
+  return jnp.asarray(_twins_numpy(tri.tobytes(), tri.shape[0]))
 
 
-def _unpack_edge(packed, d):
-  """(which edge or -1, first) of direction d from `_edge_codes`."""
-  code = (packed >> (3 * d)) & 7
-  which = jnp.where(code == 0, -1, (code - 1) % 3)
-  return which, code >= 4
+def _edge_ends(tri):
+  """(3T,) start and end vertex ids of the half-edges of (T, 3) triangles (NumPy or jnp)."""
+  stack = np.stack if isinstance(tri, np.ndarray) else jnp.stack
+  return (stack([tri[:, 1], tri[:, 2], tri[:, 0]], 1).reshape(-1),
+          stack([tri[:, 2], tri[:, 0], tri[:, 1]], 1).reshape(-1))
 
 
-def _keep_give(packed, x, y, px, py):
+@functools.lru_cache(maxsize=8)
+def _twins_numpy(tri_bytes, num_triangles):
+  """`half_edge_twins` in NumPy, cached by the triangles' bytes; same rule as `_twins_traced`.
+
+  Half-edges are grouped by their undirected edge (`pos`: the first index of its key in
+  sorted order); slot `2 pos` holds the largest half-edge of the group that runs from the
+  lower to the higher vertex id, slot `2 pos + 1` the largest that runs the other way; a
+  half-edge's twin is in the other slot.
+  """
+  tri = np.frombuffer(tri_bytes, np.int32).reshape(num_triangles, 3).astype(np.int64)
+  u, v = _edge_ends(tri)
+  n = int(tri.max()) + 1 if tri.size else 1
+  key = np.minimum(u, v) * n + np.maximum(u, v)
+  pos = np.searchsorted(np.sort(key), key)
+  rev = (u > v).astype(np.int64)
+  slots = np.full(2 * key.size, -1, np.int64)
+  np.maximum.at(slots, 2 * pos + rev, np.arange(key.size))
+  return slots[2 * pos + 1 - rev].astype(np.int32)
+
+
+def _twins_traced(triangles, num_vertices):
+  """`half_edge_twins` in jnp (traced triangles), same rule as `_twins_numpy`."""
+  u, v = _edge_ends(triangles)
+  lo, hi = jnp.minimum(u, v), jnp.maximum(u, v)
+  h = jnp.arange(u.shape[0], dtype=jnp.int32)
+  if num_vertices <= _SINGLE_KEY_VERTICES:
+    key = lo.astype(jnp.uint32) * jnp.uint32(num_vertices) + hi.astype(jnp.uint32)
+    pos = jnp.searchsorted(jnp.sort(key), key, side="left", method="scan").astype(jnp.int32)
+  else:
+    lo_s, hi_s, h_s = jax.lax.sort((lo, hi, h), num_keys=2)
+    new = jnp.concatenate([jnp.ones(1, bool), (lo_s[1:] != lo_s[:-1]) | (hi_s[1:] != hi_s[:-1])])
+    start = jax.lax.cummax(jnp.where(new, h, 0))
+    pos = jnp.zeros_like(h).at[h_s].set(start, unique_indices=True)
+  rev = (u > v).astype(jnp.int32)
+  slots = jnp.full((2 * h.shape[0],), -1, jnp.int32).at[2 * pos + rev].max(h)
+  return slots[2 * pos + 1 - rev]
+
+
+def _next_corner(i):
+  """(i + 1) % 3 for int arrays in [0, 3)."""
+  return jnp.where(i == 2, 0, i + 1)
+
+
+def _vertex_planes(screen_vertices):
+  """(B, N, 3) -> screen x, y planes (B*N,) each."""
+  return _coordinate_planes(screen_vertices[..., :2])
+
+
+def _key_bits(num_half_edges):
+  """(id_bits, t_bits) of an outline key `(floor(t 2^t_bits) << id_bits) | half_edge`."""
+  id_bits = max(1, int(num_half_edges - 1).bit_length())
+  t_bits = min(_T_BITS, 31 - id_bits)
+  if t_bits < 6:
+    raise ValueError(f"antialias supports at most 2^25 / 3 triangles, got {num_half_edges // 3}")
+  return id_bits, t_bits
+
+
+def _triangle_states(screen_vertices, triangles, cull_backfaces, near):
+  """Which triangles are drawn, and their orientation (no gradients).
+
+  Args:
+    screen_vertices: (B, N, 3) float32; triangles: (T, 3) int32; cull_backfaces, near:
+      static, as used for the raster (the rasterizer's rule: non-degenerate, every corner in
+      front of `near`, negative screen area if `cull_backfaces`).
+
+  Returns:
+    (B, T) int32: 0 not drawn, 1 drawn with negative screen area, 2 drawn with positive.
+  """
+  b, n, _ = screen_vertices.shape
+  x, y, z = _triangle_corners(_coordinate_planes(screen_vertices), triangles, n, batch=b)
+  area = (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])
+  drawn = (z[0] > near) & (z[1] > near) & (z[2] > near) & (area != 0)
+  if cull_backfaces:
+    drawn &= area < 0
+  return jnp.where(drawn, jnp.where(area < 0, 1, 2), 0).reshape(b, -1)
+
+
+def _silhouette_flags(states, twins):
+  """The half-edges on the outline of the drawn triangles (no gradients).
+
+  A half-edge is a silhouette edge when its triangle is drawn and there is no drawn
+  neighbour of the same orientation across it: the mesh boundary, a fold to back faces
+  (culled, or drawn but folded back onto the same side of the edge), or a neighbour that is
+  not drawn. Every boundary point of the union of the drawn triangles lies on one.
+
+  Args:
+    states: (B, T) int32 from `_triangle_states`; twins: (3T,) int32 from `half_edge_twins`.
+
+  Returns:
+    (B*3T,) bool, half-edge `b * 3T + h`.
+  """
+  own = jnp.repeat(states, 3, axis=1)
+  other = jnp.take(states, jnp.maximum(twins, 0) // 3, axis=1)
+  return ((own != 0) & ((twins < 0) | (other != own))).reshape(-1)
+
+
+def _edge_crossings(xa, ya, xb, yb, sign, k, size_across, size_along, first_line):
+  """The k-th crossing of each edge with the lines of one axis (pixel-centre rows or
+  columns), as the pixel pair it falls between (no gradients).
+
+  Written for horizontal pairs (lines y = i + 1/2, pairs along x); vertical pairs call it
+  with x and y swapped (and the sign negated).
+
+  Args:
+    xa, ya, xb, yb: (K,) float32 screen start and end of each half-edge.
+    sign: (K,) float32 sign of its triangle's area: the inside of the triangle is where
+      `sign * ((xb - xa) (py - ya) - (yb - ya) (px - xa)) >= 0`.
+    k: int32, which crossing (0, 1, ...).
+    size_across: static number of lines (image rows); size_along: pixels along a line.
+    first_line: (K,) int32 first line crossed (see `_line_span`).
+
+  Returns:
+    line, p_along: (K,) int32 line and position along it of the covered pixel p.
+    forward: (K,) bool, the segment p -> q exits the triangle towards +along (else -along).
+    t: (K,) float32 crossing fraction from p's centre towards q in [0, 1].
+    ok: (K,) bool, both pixels of the pair are in the image.
+  """
+  line = first_line + k
+  at = line.astype(jnp.float32) + 0.5
+  dy = yb - ya
+  x_cross = xa + (at - ya) * (xb - xa) / jnp.where(dy != 0, dy, 1.0)
+  left = jnp.floor(x_cross - 0.5)
+  forward = sign * dy > 0  # the edge function decreases towards +x: leaving the inside
+  t = jnp.where(forward, x_cross - (left + 0.5), (left + 1.5) - x_cross)
+  ok = (left >= 0) & (left <= size_along - 2) & (line < size_across)
+  left = jnp.clip(left, 0, size_along - 2).astype(jnp.int32)
+  return line, jnp.where(forward, left, left + 1), forward, jnp.clip(t, 0.0, 1.0), ok
+
+
+def _line_span(a, b, size):
+  """(first, count) int32 of the lines `i + 1/2`, 0 <= i < size, in [min(a, b), max(a, b))."""
+  lo = jnp.clip(jnp.minimum(a, b), -1.0, size + 1.0)
+  hi = jnp.clip(jnp.maximum(a, b), -1.0, size + 1.0)
+  first = jnp.maximum(jnp.ceil(lo - 0.5), 0.0)
+  end = jnp.minimum(jnp.ceil(hi - 0.5), float(size))
+  return first.astype(jnp.int32), jnp.maximum(end - first, 0.0).astype(jnp.int32)
+
+
+def _scatter_crossings(keys, lanes, valid, mesh, height, width):
+  """Scatter-max every line crossing of the listed silhouette half-edges into `keys`.
+
+  Args:
+    keys: (4*B*H*W,) int32 outline keys so far (see `_outline_hits`).
+    lanes: (K,) int32 flat half-edge indices `b * 3T + h`; valid: (K,) bool.
+    mesh: (tri_flat (3T,) int32, states (B, T) int32, vx, vy (B*N,) float32 screen planes).
+    height, width: static image size.
+  """
+  tri_flat, states, vx, vy = mesh
+  batch, t = states.shape
+  n = vx.shape[0] // batch
+  id_bits, t_bits = _key_bits(3 * t)
+  image, half_edge = lanes // (3 * t), lanes % (3 * t)
+  corner = half_edge % 3
+  start = _next_corner(corner)
+  base = image * n
+  va = base + tri_flat[half_edge - corner + start]
+  vb = base + tri_flat[half_edge - corner + _next_corner(start)]
+  xa, ya, xb, yb = vx[va], vy[va], vx[vb], vy[vb]
+  sign = jnp.where(states.reshape(-1)[image * t + half_edge // 3] == 1, -1.0, 1.0)
+  plane = height * width
+  size = keys.shape[0]
+  row0, rows = _line_span(ya, yb, height)
+  col0, cols = _line_span(xa, xb, width)
+  rows, cols = jnp.where(valid, rows, 0), jnp.where(valid, cols, 0)
+
+  def key_of(t):
+    tq = jnp.minimum(jnp.floor(t * (1 << t_bits)), (1 << t_bits) - 1).astype(jnp.int32)
+    return (tq << id_bits) | half_edge
+
+  def body(carry):
+    k, keys = carry
+    i, j, fwd, t, ok = _edge_crossings(xa, ya, xb, yb, sign, k, height, width, row0)
+    across = jnp.where(ok & (k < rows),
+                       jnp.where(fwd, 0, 1) * batch * plane + image * plane + i * width + j,
+                       size)
+    j, i, fwd, t_down, ok = _edge_crossings(ya, xa, yb, xb, -sign, k, width, height, col0)
+    down = jnp.where(ok & (k < cols),
+                     jnp.where(fwd, 2, 3) * batch * plane + image * plane + i * width + j,
+                     size)
+    keys = keys.at[jnp.concatenate([across, down])].max(
+        jnp.concatenate([key_of(t), key_of(t_down)]), mode="drop")
+    return k + 1, keys
+
+  longest = jnp.maximum(jnp.max(rows), jnp.max(cols))
+  return jax.lax.while_loop(lambda c: c[0] < longest, body, (jnp.int32(0), keys))[1]
+
+
+def _outline_hits(screen_vertices, triangles, twins, height, width, cull_backfaces, near):
+  """For every pixel p and direction d: the last exit from the drawn triangles along p -> p + d.
+
+  The union of the drawn triangles (the covered region, occluded parts included) is bounded
+  by silhouette edges (`_silhouette_flags`). Every crossing of a silhouette edge with a
+  segment between two neighbouring pixel centres is found from the edge (the rows, and the
+  columns, of pixel centres between its end points), as an exit from its triangle towards
+  one of the two pixels, and recorded for the other pixel p with a scatter-max of a key
+  that orders by the fraction t from p: the largest t is where the segment leaves the
+  covered region for good (beyond it nothing drawn covers the segment), also when it first
+  leaves an occluding sheet (a cheek's contour in front of the ear) and enters another.
+  Images are processed one after the other (`lax.map`, so that each one's working set stays
+  in cache); an image's silhouette half-edges are listed (`_compact`) and processed in chunks
+  of 1/16 of its half-edges (the ICT face: one chunk), each over as many lines as it spans (a
+  `lax.while_loop`, as many steps as the longest edge spans lines).
+
+  Args:
+    screen_vertices: (B, N, 3) float32 (no gradients); triangles: (T, 3) int32; twins: (3T,)
+      int32; height, width, cull_backfaces, near: static, as used for the raster.
+
+  Returns:
+    (4, B, H, W) int32 per direction d of `_DIRECTIONS` and pixel p: -1 where no silhouette
+    edge crosses the segment p -> p + d leaving its triangle's inside, else the key
+    `(floor(t 2^t_bits) << id_bits) | h` (`_key_bits`) of the crossing with the largest t:
+    h the half-edge, t in [0, 1] the fraction of the way from p.
+  """
+  one = lambda sv: _outline_hits_image(sv[None], triangles, twins, height, width,
+                                      cull_backfaces, near)
+  return jnp.moveaxis(jax.lax.map(one, screen_vertices), 0, 1)
+
+
+def _outline_hits_image(screen_vertices, triangles, twins, height, width, cull_backfaces,
+                        near):
+  """`_outline_hits` of one image: (1, N, 3) screen vertices -> (4, H, W) int32 keys."""
+  total = 3 * triangles.shape[0]
+
+  def setup(sv, twins):
+    states = _triangle_states(sv, triangles, cull_backfaces, near)
+    return states, _silhouette_flags(states, twins)
+
+  states, flags = _once(setup, screen_vertices, twins)
+  mesh = (triangles.reshape(-1), states, *_vertex_planes(screen_vertices))
+  capacity = max(1, total // _SILHOUETTE_SHARE)
+  index, count, slot = _compact(flags, capacity)
+  lane = jnp.arange(capacity, dtype=jnp.int32)
+  keys = jnp.full((4 * height * width,), -1, jnp.int32)
+  keys = _scatter_crossings(keys, index, lane < count, mesh, height, width)
+
+  def more(carry):  # further chunks (rarely: more than 1/16 of the half-edges)
+    start, keys = carry
+    # The silhouette half-edges of ranks start ... start + capacity - 1. Not `slot - start`
+    # alone: the other half-edges' slot is `capacity` too, and negative indices wrap.
+    in_chunk = flags & (slot >= start) & (slot < start + capacity)
+    lanes = (lane % total).at[jnp.where(in_chunk, slot - start, capacity)].set(
+        jnp.arange(total, dtype=jnp.int32), mode="drop")
+    return start + capacity, _scatter_crossings(keys, lanes, start + lane < count, mesh,
+                                                height, width)
+
+  keys = jax.lax.while_loop(lambda c: c[0] < count, more, (jnp.int32(capacity), keys))[1]
+  return keys.reshape(4, height, width)
+
+
+def _unpack_edge(code, tri_flat, num_half_edges):
+  """(use, first, va, vb) of outline codes (keys of `_outline_hits`, -1 = none): whether
+  there is a crossing, whether it is in p's half (t < 1/2), and the crossed edge's start and
+  end vertex ids (valid ids where unused)."""
+  id_bits, t_bits = _key_bits(num_half_edges)
+  use = code >= 0
+  h = jnp.where(use, code & ((1 << id_bits) - 1), 0)
+  first = use & ((code >> id_bits) < (1 << (t_bits - 1)))
+  corner = h % 3
+  start = _next_corner(corner)
+  return use, first, tri_flat[h - corner + start], tri_flat[h - corner + _next_corner(start)]
+
+
+def _keep_give(codes, tri_flat, vx, vy, base, px, py):
   """Box-filter coverage corrections of outline pixel pairs (differentiable in x, y).
 
-  The crossed edge and which pixel of the pair is partially covered come from `packed`
+  The crossed edge and which pixel of the pair is partially covered come from `codes`
   (no gradients); only the crossing position along the pair's axis carries gradients,
-  through the two corners of the crossed edge. For a covered pixel p whose neighbour p + d
+  through the two vertices of the crossed edge. For a covered pixel p whose neighbour p + d
   is not covered, the crossing is at a fraction t of the way: if t < 1/2, p is covered by
   t + 1/2 only and takes weight 1/2 - t of the neighbour's value ("keep"); otherwise p + d
-  is covered by t - 1/2 and takes that weight of p's value ("give").
+  is covered by t - 1/2 and takes that weight of p's value ("give"). Horizontal pairs use
+  only edges closer to vertical (|dy| >= |dx|), vertical pairs the others, so that no edge
+  counts twice.
 
   Args:
-    packed: S int32 from `_edge_codes`.
-    x, y: 3 x S float32 corners; px, py: pixel centres broadcastable to S.
+    codes: 4 x S int32 per direction of `_DIRECTIONS` (S: (B, H, W) planes or (K,) pixels):
+      `_outline_hits` keys at outline pairs, -1 elsewhere.
+    tri_flat: (3T,) int32 `triangles.reshape(-1)`.
+    vx, vy: (B*N,) float32 screen x, y planes (with gradients).
+    base: S int32 `b * N` of each pixel's image; px, py: pixel centres broadcastable to S.
 
   Returns:
-    keep, give: 4 x S float32 each, per direction of `_DIRECTIONS` (zero where unused).
+    first: 4 x S bool, the crossing is in p's half (the pair is a "keep").
+    keep, give: 4 x S float32 each (zero where unused).
   """
-  keep, give = [], []
+  firsts, keep, give = [], [], []
   for d, (axis, step) in enumerate(_DIRECTIONS):
-    wd, fd = _unpack_edge(packed, d)
-    use = wd >= 0
-    pick = lambda planes, j: jnp.where(wd == 0, planes[j % 3], jnp.where(
-        wd == 1, planes[(j + 1) % 3], planes[(j + 2) % 3]))
-    xa, ya, xb, yb = pick(x, 1), pick(y, 1), pick(x, 2), pick(y, 2)
-    # Crossing of the chosen edge with the line through the pair's centres, as a fraction
-    # t of the way from p to its neighbour.
+    use, first, va, vb = _unpack_edge(codes[d], tri_flat, tri_flat.shape[0])
+    xa, ya, xb, yb = vx[base + va], vy[base + va], vx[base + vb], vy[base + vb]
+    ex, ey = jax.lax.stop_gradient(xb - xa), jax.lax.stop_gradient(yb - ya)
+    use &= (jnp.abs(ey) >= jnp.abs(ex)) == (axis == 2)  # an edge of this pair's axis
+    first &= use
+    # Crossing of the edge with the line through the pair's centres, as a fraction t of the
+    # way from p to its neighbour.
     if axis == 2:
       den = jnp.where(use, yb - ya, 1.0)
       t = (xa + (xb - xa) * (py - ya) / den - px) * step
@@ -915,33 +1204,38 @@ def _keep_give(packed, x, y, px, py):
       den = jnp.where(use, xb - xa, 1.0)
       t = (ya + (yb - ya) * (px - xa) / den - py) * step
     t = jnp.clip(t, 0.0, 1.0)
-    keep.append(jnp.where(fd, 0.5 - t, 0.0))
-    give.append(jnp.where(use & ~fd, t - 0.5, 0.0))
-  return keep, give
+    firsts.append(first)
+    keep.append(jnp.where(first, 0.5 - t, 0.0))
+    give.append(jnp.where(use & ~first, t - 0.5, 0.0))
+  return firsts, keep, give
 
 
-def _outline_weights(triangle_id, screen_vertices, triangles):
+def _outline_weights(triangle_id, screen_vertices, triangles, hits):
   """Dense outline blend weights, computed on every pixel.
+
+  Args:
+    triangle_id: (B, H, W) int32; screen_vertices: (B, N, 3) float32; triangles: (T, 3)
+      int32; hits: (4, B, H, W) int32 from `_outline_hits`.
 
   Returns:
     4 x (B, H, W) float32 per direction e of `_DIRECTIONS`: weight of neighbour p + e in
     pixel p (see `_blend`): p's own "keep" towards e plus the "give" of neighbour p + e in
     the opposite direction.
   """
-  _, height, width = triangle_id.shape
-  x, y = _pixel_corners(screen_vertices, corner_ids(triangles, triangle_id), channels=2)
+  b, height, width = triangle_id.shape
+  n = screen_vertices.shape[1]
   px, py = _pixel_centres(height, width)
-  codes = lambda ids, xs, ys: _edge_codes(xs, ys, px, py, _dense_outline(ids >= 0))
-  packed = _once(codes, triangle_id, [jax.lax.stop_gradient(v) for v in x],
-                 [jax.lax.stop_gradient(v) for v in y])
-  keep, give = _keep_give(packed, x, y, px, py)
+  base = (jnp.arange(b, dtype=jnp.int32) * n).reshape(b, 1, 1)
+  codes = [jnp.where(o, hits[d], -1) for d, o in enumerate(_dense_outline(triangle_id >= 0))]
+  _, keep, give = _keep_give(codes, triangles.reshape(-1), *_vertex_planes(screen_vertices),
+                             base, px, py)
   return tuple(keep[i] + _shift(give[i ^ 1], axis, step)
                for i, (axis, step) in enumerate(_DIRECTIONS))
 
 
-def _antialias_dense(image, triangle_id, screen_vertices, triangles):
+def _antialias_dense(image, triangle_id, screen_vertices, triangles, hits):
   """`antialias` on every pixel: planar weights and a 4-neighbour blend."""
-  weights = _once(_outline_weights, triangle_id, screen_vertices, triangles)
+  weights = _once(_outline_weights, triangle_id, screen_vertices, triangles, hits)
   return _blend(image, weights)
 
 
@@ -967,7 +1261,7 @@ def _outline_pixels(covered, capacity):
   return _compact(flags, capacity)[:2]
 
 
-def _antialias_sparse(image, triangle_id, screen_vertices, triangles, index, count):
+def _antialias_sparse(image, triangle_id, screen_vertices, triangles, hits, index, count):
   """`antialias` on a list of outline pixels: gathers and one scatter-add.
 
   Every outline pair (p, p + d) becomes one update `out[a] += w (image[b] - image[a])`, with
@@ -976,22 +1270,21 @@ def _antialias_sparse(image, triangle_id, screen_vertices, triangles, index, cou
 
   Args:
     image: (B, H, W, C); triangle_id: (B, H, W) int32; screen_vertices: (B, N, 3) float32;
-    triangles: (T, 3) int32; index, count: from `_outline_pixels` with count <= K.
+    triangles: (T, 3) int32; hits: (4, B, H, W) int32 from `_outline_hits`; index, count:
+    from `_outline_pixels` with count <= K.
   """
   b, height, width, c = image.shape
+  n = screen_vertices.shape[1]
   num_pixels = b * height * width
 
-  def pixels(ids, screen_vertices, p, count):
-    # Per listed pixel: its triangle's corners, its centre, its 4 neighbours and which of
-    # them make an outline pair.
+  def pixels(ids, p, count, hits):
+    # Per listed pixel (K,): its centre, image offset, 4 neighbours and the outline code of
+    # each direction.
     valid = jnp.arange(p.shape[0], dtype=jnp.int32) < count
     column = p % width
     row = (p // width) % height
-    flat_triangle = (p // (height * width)) * triangles.shape[0] + jnp.maximum(ids[p], 0)
-    x, y = _triangle_corners(_coordinate_planes(screen_vertices[..., :2]), triangles,
-                             screen_vertices.shape[1], flat_triangle=flat_triangle)
-    outline, neighbour = [], []
-    for axis, step in _DIRECTIONS:
+    codes, neighbour = [], []
+    for d, (axis, step) in enumerate(_DIRECTIONS):
       if axis == 2:
         in_image = (column + step >= 0) & (column + step < width)
         q = p + step
@@ -999,28 +1292,26 @@ def _antialias_sparse(image, triangle_id, screen_vertices, triangles, index, cou
         in_image = (row + step >= 0) & (row + step < height)
         q = p + step * width
       q = jnp.clip(q, 0, num_pixels - 1)
-      outline.append(valid & in_image & (ids[q] < 0))
+      codes.append(jnp.where(valid & in_image & (ids[q] < 0), hits[d][p], -1))
       neighbour.append(q)
     px = column.astype(jnp.float32) + 0.5
     py = row.astype(jnp.float32) + 0.5
-    return x, y, px, py, outline, neighbour
+    return (p // (height * width)) * n, px, py, codes, neighbour
 
-  ids = triangle_id.reshape(-1)
-  x, y, px, py, outline, neighbour = _once(pixels, ids, screen_vertices, index, count)
-  packed = _once(_edge_codes, [jax.lax.stop_gradient(v) for v in x],
-                 [jax.lax.stop_gradient(v) for v in y], px, py, outline)
+  base, px, py, codes, neighbour = _once(pixels, triangle_id.reshape(-1), index, count,
+                                         hits.reshape(4, -1))
 
-  def updates(packed, x, y):
-    keep, give = _keep_give(packed, x, y, px, py)
+  def updates(codes, sv):
+    first, keep, give = _keep_give(codes, triangles.reshape(-1), *_vertex_planes(sv), base,
+                                   px, py)
     target, source, weight = [], [], []
     for d in range(len(_DIRECTIONS)):
-      first = _unpack_edge(packed, d)[1]
-      target.append(jnp.where(first, index, neighbour[d]))
-      source.append(jnp.where(first, neighbour[d], index))
+      target.append(jnp.where(first[d], index, neighbour[d]))
+      source.append(jnp.where(first[d], neighbour[d], index))
       weight.append(keep[d] + give[d])
     return jnp.concatenate(target), jnp.concatenate(source), jnp.concatenate(weight)
 
-  target, source, weight = _once(updates, packed, x, y)
+  target, source, weight = _once(updates, codes, screen_vertices)
   flat = image.reshape(num_pixels, c)
   if c <= _UNROLL_CHANNELS:  # per-channel planes: no reduction over a short minor axis
     update = jnp.stack([weight * (flat[:, ch][source] - flat[:, ch][target])
@@ -1031,86 +1322,111 @@ def _antialias_sparse(image, triangle_id, screen_vertices, triangles, index, cou
   return out.reshape(b, height, width, c)
 
 
-def antialias(image, raster: Raster, screen_vertices, triangles):
+def antialias(image, raster: Raster, screen_vertices, triangles, twins=None):
   """Analytic antialiasing of the face/background outline (gradients for the silhouette).
 
   For every covered pixel p and each of its 4 neighbours q that is not covered, the point
-  where p's triangle boundary leaves the segment p -> q is found analytically, at a fraction
-  t in [0, 1] of the way. With a 1-pixel box filter across the edge, p keeps coverage
-  min(1, t + 1/2) and q gains max(0, t - 1/2); the affected pixel is blended with the other
-  one's value accordingly. Horizontal neighbours handle crossings of edges closer to
-  vertical (|dy| >= |dx|), vertical neighbours the others, so each edge counts once.
+  where the segment p -> q leaves the covered region for the last time is found, at a
+  fraction t in [0, 1) of the way, with the silhouette edge it crosses (`_outline_hits`):
+  an edge of a drawn triangle with no drawn neighbour of the same orientation across it
+  (the mesh boundary, a fold to back faces, a neighbour behind the near plane), found from
+  the edges, not from p's triangle. Dense meshes have outline triangles far smaller than a
+  pixel (the ICT face at 48-224 px): the edge of p's own triangle that the segment leaves
+  through is then usually an interior edge, and the covering can continue on another sheet
+  of the mesh behind p's (a cheek's contour in front of the ear). With a 1-pixel box filter
+  across the edge, p keeps coverage min(1, t + 1/2) and q gains max(0, t - 1/2); the
+  affected pixel is blended with the other one's value accordingly. Horizontal neighbours
+  use crossings of edges closer to vertical (|dy| >= |dx|), vertical neighbours the others,
+  so each edge counts once. The crossings are integer choices (no gradients); t moves with
+  the silhouette edge's two vertices, so the blended image has a gradient with respect to
+  their x, y.
 
   The outline pixels are listed (a prefix sum over the coverage) and only they are
   processed, when there are at most 1/16 of all pixels (a face: ~1%); otherwise every pixel
-  is processed with dense planes. Both paths give the same result.
+  is processed with dense planes. Both paths give the same result (the crossings are
+  computed once, per silhouette edge, for both).
 
   Args:
     image: (B, H, W, C) float32 image to antialias, e.g. the rendered face composited over a
       background (`interpolate(...) * mask + background * (1 - mask)`).
-    raster: `Raster` of the same mesh.
+    raster: `Raster` of the same mesh (its `cull_backfaces` and `near` say which triangles
+      are drawn).
     screen_vertices: (B, N, 3) float32 `(x_px, y_px, depth)` used for the raster.
-    triangles: (T, 3) int32.
+    triangles: (T, 3) int32, consistently oriented (neighbours share an edge in opposite
+      directions); an edge between inconsistently wound triangles counts as an outline.
+    twins: optional (3T,) int32 `half_edge_twins(triangles)`. Computed here when None: free
+      for concrete triangles (NumPy at trace time, cached), one sort per call for traced ones.
 
   Returns:
     (B, H, W, C) image, equal to `image` away from the outline. Differentiable with respect to
-    `image` and to the x, y of the outline triangles' vertices (occlusion boundaries inside
+    `image` and to the x, y of the silhouette edges' vertices (occlusion boundaries inside
     the covered region are not antialiased).
   """
   ids = jax.lax.stop_gradient(raster.triangle_id)
-  screen_vertices = screen_vertices.astype(jnp.float32)
+  if np.shape(triangles)[0] == 0:  # nothing is covered
+    return image
+  screen_vertices = jnp.asarray(screen_vertices, jnp.float32)
+  if twins is None:
+    twins = half_edge_twins(triangles, screen_vertices.shape[1])
+  twins = jax.lax.stop_gradient(jnp.asarray(twins, jnp.int32))
   triangles = jnp.asarray(triangles, jnp.int32)
+  _, height, width = ids.shape
+  hits = _outline_hits(jax.lax.stop_gradient(screen_vertices), triangles, twins, height, width,
+                       raster.cull_backfaces, raster.near)
   index, count = _outline_pixels(ids >= 0, max(1, ids.size // _OUTLINE_SHARE))
-  return _antialias_either(image, ids, screen_vertices, triangles, index, count)
+  return _antialias_either(image, ids, screen_vertices, triangles, hits, index, count)
 
 
-def _antialias_choose(image, ids, screen_vertices, triangles, index, count, fn):
+def _antialias_choose(image, ids, screen_vertices, triangles, hits, index, count, fn):
   """`fn(path)(image, screen_vertices)` with the sparse path when the list is complete."""
   capacity = index.shape[0]
-  sparse = fn(lambda im, sv: _antialias_sparse(im, ids, sv, triangles, index, count))
-  dense = fn(lambda im, sv: _antialias_dense(im, ids, sv, triangles))
+  sparse = fn(lambda im, sv: _antialias_sparse(im, ids, sv, triangles, hits, index, count))
+  dense = fn(lambda im, sv: _antialias_dense(im, ids, sv, triangles, hits))
   return jax.lax.cond(count <= capacity, sparse, dense, image, screen_vertices)
 
 
 @jax.custom_vjp
-def _antialias_either(image, ids, screen_vertices, triangles, index, count):
+def _antialias_either(image, ids, screen_vertices, triangles, hits, index, count):
   """Sparse or dense antialiasing, whichever applies, with a custom VJP.
 
   Differentiating a `lax.cond` makes both branches' residuals outputs of the forward cond
   (the branch not taken fills them with zeros): the dense path's dozens of (B, H, W) planes
   would be written on every call. Here the forward keeps only the inputs and the backward
-  recomputes the taken branch under `jax.vjp` (the sparse forward is cheap).
+  recomputes the taken branch under `jax.vjp` (the sparse forward is cheap; the outline
+  crossings `hits` are an input, computed once).
   """
-  return _antialias_choose(image, ids, screen_vertices, triangles, index, count,
+  return _antialias_choose(image, ids, screen_vertices, triangles, hits, index, count,
                            lambda path: path)
 
 
-def _antialias_either_fwd(image, ids, screen_vertices, triangles, index, count):
-  out = _antialias_either(image, ids, screen_vertices, triangles, index, count)
-  return out, (image, ids, screen_vertices, triangles, index, count)
+def _antialias_either_fwd(image, ids, screen_vertices, triangles, hits, index, count):
+  out = _antialias_either(image, ids, screen_vertices, triangles, hits, index, count)
+  return out, (image, ids, screen_vertices, triangles, hits, index, count)
 
 
 def _antialias_either_bwd(res, g):
-  image, ids, screen_vertices, triangles, index, count = res
+  image, ids, screen_vertices, triangles, hits, index, count = res
   backward = lambda path: lambda im, sv: jax.vjp(path, im, sv)[1](g)
-  d_image, d_screen = _antialias_choose(image, ids, screen_vertices, triangles, index, count,
-                                        backward)
-  return d_image, None, d_screen, None, None, None
+  d_image, d_screen = _antialias_choose(image, ids, screen_vertices, triangles, hits, index,
+                                        count, backward)
+  return d_image, None, d_screen, None, None, None, None
 
 
 _antialias_either.defvjp(_antialias_either_fwd, _antialias_either_bwd)
 
 
-def soft_silhouette(raster: Raster, screen_vertices, triangles):
+def soft_silhouette(raster: Raster, screen_vertices, triangles, twins=None):
   """Antialiased coverage in [0, 1] with gradients at the outline.
 
   Args:
     raster: `Raster` of the mesh.
     screen_vertices: (B, N, 3) float32.
     triangles: (T, 3) int32.
+    twins: optional (3T,) int32 `half_edge_twins(triangles)` (see `antialias`).
 
   Returns:
     (B, H, W) float32: `raster.mask` antialiased with `antialias`. Its sum changes by the
     outline's outward motion (pixels) times its length (pixels).
   """
-  return antialias(raster.mask[..., None], raster, screen_vertices, triangles)[..., 0]
+  return antialias(raster.mask[..., None], raster, screen_vertices, triangles,
+                   twins)[..., 0]

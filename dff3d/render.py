@@ -78,7 +78,7 @@ def render(model: mm.MorphableModel, c: coeffs_lib.Coefficients, image_size: Tup
   mask = raster.mask
   if antialias:
     blended = rasterizer.antialias(jnp.concatenate([image, hard], axis=-1), raster, screen,
-                                   model.triangles)
+                                   model.triangles, twins=model.triangle_twins)
     image, mask = blended[..., :3], blended[..., 3]
   return Rendering(image=image, mask=mask, skin_mask=mask * region, raster=raster,
                    screen_vertices=screen, vertices_cam=cam, normals_cam=normals, colours=colours,

@@ -7,6 +7,7 @@ from jax.test_util import check_grads
 from dff3d import coefficients as coeffs_lib
 from dff3d import landmarks as lm
 from dff3d import morphable_model as mm
+from dff3d import rasterizer
 from tests.conftest import ICT_DIR, require
 
 
@@ -81,6 +82,19 @@ def test_model_is_a_pytree_usable_under_jit(model):
   c = mm.zero_coefficients(model, 2)
   verts = jax.jit(lambda m, c: mm.landmark_points(m, mm.geometry(m, c)[0]))(model, c)
   np.testing.assert_allclose(verts[0], np.asarray(model.mean_shape)[np.asarray(model.landmarks)])
+
+
+def test_model_carries_its_triangle_adjacency(model):
+  # make_model stores the half-edge twins that render passes to antialias (so that a model
+  # traced as a jit argument does not sort its edges on every call).
+  twins = np.asarray(model.triangle_twins)
+  np.testing.assert_array_equal(
+      twins, np.asarray(rasterizer.half_edge_twins(np.asarray(model.triangles))))
+  # The ICT mesh is consistently wound and manifold: twins are mutual; the rest is boundary
+  # (the face area's rim, eye and mouth openings).
+  inner = twins >= 0
+  np.testing.assert_array_equal(twins[twins[inner]], np.flatnonzero(inner))
+  assert 0 < (~inner).sum() < 0.05 * twins.size, (~inner).sum()
 
 
 def test_landmark_sets_and_flip_permutation():

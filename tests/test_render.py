@@ -1,10 +1,10 @@
 """Tests for dff3d.render.render: a float64 NumPy reference of the shading pipeline, background
-compositing and the skin mask, outline gradients against finite differences, and jax.vmap over
-render and the losses.
+compositing and the skin mask, antialiased coverage and outline gradients against a supersampled
+render, and jax.vmap over render and the losses.
 
 Everything renders the default (ICT) model at S x S = 48 px, batch 2, with one compiled forward
-(shared by the reference, background, finite-difference and vmap tests), one compiled gradient
-and one compiled vmapped forward.
+(shared by the reference, background and vmap tests), one compiled gradient, one compiled
+vmapped forward and one 4x supersampled forward (the reference of coverage and gradients).
 """
 
 import math
@@ -244,78 +244,133 @@ RAMP = (_XX + 0.3 * _YY).astype(np.float32)
 WEIGHTS = np.stack([np.sin(3 * _XX + 1), np.cos(2 * _YY + 0.5), _XX * _YY],
                    -1).astype(np.float32)
 
+# The reference for outline gradients is a supersampled render: its hard coverage and image at
+# 4 x 4 samples per pixel (the background repeated per sample), box-filtered, and the
+# least-squares slope of a loss over offsets of +-0.75 px of outline motion (9 offsets).
+# Gradients are compared on the scene's faces moved back from 105 / 115 cm to 180 cm, where
+# they lie fully inside the image (covered rows 10-45 / 7-39, columns 13-36 / 11-32 of 48): at
+# the fixture's distance the frontal face reaches the top and bottom rows, and an outline
+# within half a pixel of the border has no neighbour pixel to blend with (a documented limit
+# of pixel-pair antialiasing; the background is composited before antialiasing).
+_INSIDE_DEPTH = 180.0
+_PX_PER_CM = 1015.0 / 224.0 * S / _INSIDE_DEPTH  # focal / depth
+# Parameter change per pixel of outline motion: translation x, y 1 px; roll and pitch move a
+# point 10 cm from the axis by 1 px, yaw one 7 cm from it; translation z scales the face so
+# that a point 10 cm from its centre moves by 1 px.
+_MOTION = {("translation", 0): 1.0 / _PX_PER_CM, ("translation", 1): 1.0 / _PX_PER_CM,
+           ("rotation", 2): 0.1 / _PX_PER_CM, ("rotation", 0): 0.1 / _PX_PER_CM,
+           ("rotation", 1): 1.0 / (7.0 * _PX_PER_CM),
+           ("translation", 2): _INSIDE_DEPTH / (10.0 * _PX_PER_CM)}
 
-def _per_face_loss(image, mask):
-  return jnp.sum(mask * RAMP, (1, 2)) + 0.5 * jnp.sum(image * WEIGHTS, (1, 2, 3))
+
+def _loss_terms(image, mask):
+  """(2, B) float64: the coverage term sum(mask * RAMP) and the image term
+  0.5 sum(image * WEIGHTS) of each face."""
+  image, mask = np.asarray(image, np.float64), np.asarray(mask, np.float64)
+  return np.stack([(mask * RAMP).sum((1, 2)), 0.5 * (image * WEIGHTS).sum((1, 2, 3))])
 
 
 @jax.jit
-def _loss_grad(model, c, background):
-  def total(c):
+def _term_gradients(model, c, background):
+  """Gradients (Coefficients) of the coverage term and of the image term, summed over faces."""
+  def term(c, k):
     r = render_lib.render(model, c, (S, S), background=background)
-    return jnp.sum(_per_face_loss(r.image, r.mask))
-  return jax.grad(total)(c)
+    return jnp.sum(r.mask * RAMP) if k == 0 else 0.5 * jnp.sum(r.image * WEIGHTS)
+  return jax.grad(term)(c, 0), jax.grad(term)(c, 1)
 
 
-# One pixel of image motion, in parameter units: translation x/y moves the face by
-# focal / depth ~ 2 px per cm; yaw moves the outline (~7 cm from the axis) by ~14 px per rad.
-_FOCAL = 1015.0 / 224.0 * S
-_PIXEL = {("translation", 0): 110.0 / _FOCAL, ("translation", 1): 110.0 / _FOCAL,
-          ("rotation", 1): 110.0 / (7.0 * _FOCAL)}
+@jax.jit
+def _supersampled_4x(model, c, background):
+  """(B, S, S, 3) image and (B, S, S) coverage rendered at 4S x 4S without antialiasing (the
+  background repeated per sample), box-filtered to S x S."""
+  big = jnp.repeat(jnp.repeat(background, 4, 1), 4, 2)
+  r = render_lib.render(model, c, (4 * S, 4 * S), background=big, antialias=False)
+  return (r.image.reshape(B, S, 4, S, 4, 3).mean((2, 4)),
+          r.mask.reshape(B, S, 4, S, 4).mean((2, 4)))
 
 
 @pytest.fixture(scope="module")
-def outline_gradients(model, scene):
-  """{(field, index): (analytic (B,), finite difference (B,))}.
-
-  A central difference with a small step is dominated by discrete events (a pixel centre
-  crossing the outline or an edge inside the face changes the hard raster): at 0.05 px the
-  estimates scatter by +-50%. The finite difference here is the least-squares slope of the
-  forward loss over 21 offsets spanning +-1 px of image motion, which averages the events
-  out (for the frontal face's translation it is stable to 2% for spans 0.5-2 px, and within
-  3% of the slope of a 4x supersampled hard coverage)."""
+def inside_gradients(model, scene):
+  """{(field, index): (analytic (2, B), supersampled (2, B))}: the derivatives of the coverage
+  and image terms (`_loss_terms`) of the faces at 180 cm, per pixel of outline motion."""
   c, background = scene
-  grad = _loss_grad(model, c, background)
+  c = c.replace(translation=c.translation.at[:, 2].set(-_INSIDE_DEPTH))
+  grads = _term_gradients(model, c, background)
+  moves = np.linspace(-0.75, 0.75, 9)
   out = {}
-  for (field, idx), unit in _PIXEL.items():
-    offsets = np.linspace(-1.0, 1.0, 21) * unit
+  for (field, idx), unit in _MOTION.items():
     values = []
-    for o in offsets:
+    for m in moves:
       v = np.asarray(getattr(c, field)).copy()
-      v[:, idx] += o  # both faces at once: their losses are separate
-      r = _render(model, c.replace(**{field: jnp.asarray(v)}), background)
-      values.append(np.asarray(_per_face_loss(r.image, r.mask), np.float64))
-    values = np.asarray(values)
-    slope = np.array([np.polyfit(offsets, values[:, b], 1)[0] for b in range(B)])
-    out[(field, idx)] = (np.asarray(getattr(grad, field))[:, idx], slope)
+      v[:, idx] += m * unit  # both faces at once: their terms are separate
+      values.append(_loss_terms(*_supersampled_4x(model, c.replace(**{field: jnp.asarray(v)}),
+                                                  background)))
+    values = np.asarray(values)  # (9, 2, B)
+    slopes = np.polyfit(moves, values.reshape(len(moves), -1), 1)[0].reshape(2, B)
+    analytic = np.stack([np.asarray(getattr(g, field))[:, idx] * unit for g in grads])
+    out[(field, idx)] = (analytic, slopes)
   return out
 
 
-def test_outline_gradient_of_translation_matches_finite_differences(outline_gradients):
-  # The near-frontal face moved sideways: its left and right outline move rigidly. Measured
-  # analytic 38.7, finite difference 39.3 (4x supersampled coverage: 40.3).
-  analytic, fd = outline_gradients[("translation", 0)]
-  assert fd[0] > 10.0, fd
-  np.testing.assert_allclose(analytic[0], fd[0], rtol=0.1)
+def test_coverage_gradients_of_faces_inside_the_image_match_a_supersampled_render(
+    inside_gradients):
+  # What antialias is for: the outline's motion in the coverage. Measured, analytic /
+  # supersampled per px of motion, frontal and turned face:
+  #   tx 15.00 / 13.49, 11.03 / 11.21; ty -6.27 / -3.91, -5.16 / -3.74; roll 3.68 / 2.74,
+  #   0.03 / -0.64; pitch -3.54 / -3.93, 6.79 / 5.60; yaw 1.17 / 1.24, 1.21 / 1.51; tz 77.66 /
+  #   76.41, 51.19 / 51.11: largest |error| 2.36 (ty, frontal), RMS over the 12 1.10.
+  # The errors are of the size the ellipse tests of test_rasterizer show for a single
+  # placement (about one pixel times the weight where the outline's direction passes 45
+  # degrees or turns at a corner; a face outline has many such points, and eye and mouth
+  # openings thinner than a pixel that pixel pairs cannot represent). With main's first
+  # edge of the pixel's own triangle: tx 13.02 / 7.40 (turned: -3.81), roll 5.78 (+3.04),
+  # yaw 7.41 / -0.90 (+6.17, -2.41), tz 68.47 / 43.81 (-7.94, -7.30; coverage lost at
+  # sub-pixel outline triangles): largest 7.94, RMS 4.09; it fails both bounds.
+  # This replaces the finite-difference checks of the full loss at the fixture's distance
+  # (frontal tx within 10%, and a strict xfail of four checks): the frontal face reached the
+  # image border, and the full loss mixed in the image term, whose errors (next test) are
+  # not the outline's coverage: the old rule passed the frontal tx check (38.7 vs 39.3)
+  # because its outline error cancelled the image term's error at occlusion boundaries.
+  errors = np.array([a[0] - s[0] for a, s in inside_gradients.values()])  # (6, B)
+  assert np.abs(errors).max() < 3.5, errors
+  assert np.sqrt(np.mean(errors ** 2)) < 2.0, errors
+  assert np.abs([s[0] for _, s in inside_gradients.values()]).max() > 40.0  # tz
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rasterizer.antialias takes, as the outline, the first edge of the covered pixel's own "
-    "triangle that the pixel-pair segment leaves through, also when that edge is interior "
-    "(shared with another drawn triangle). The ICT mesh's outline triangles are sub-pixel at "
-    "48-224 px, so outline coverage is under-estimated (sum(mask * ramp) 1050 vs 1082 "
-    "supersampled) and outline gradients follow interior edges. Measured, analytic vs slope "
-    "of a 4x supersampled render: frontal face ty -3.3 vs 12.3, yaw 268 vs 59; turned face "
-    "tx 26.3 vs 41.6, yaw -78.6 vs 8.8 (only the frontal tx, 38.7 vs 40.3, agrees)."))
-def test_outline_gradient_of_yaw_and_turned_face_matches_finite_differences(outline_gradients):
-  checks = [(("translation", 1), 0), (("rotation", 1), 0), (("translation", 0), 1),
-            (("rotation", 1), 1)]
-  failures = []
-  for key, b in checks:
-    analytic, fd = outline_gradients[key]
-    if not abs(analytic[b] - fd[b]) <= 0.1 * abs(fd[b]):
-      failures.append((key, b, float(analytic[b]), float(fd[b])))
-  assert not failures, failures
+def test_image_gradients_of_faces_inside_the_image_match_a_supersampled_render(
+    inside_gradients):
+  # The image term (shading and the outline's blend with the background): errors of the
+  # same size as the coverage term's, and two documented limits add to them. Measured,
+  # analytic - supersampled per px of motion, frontal / turned face: tx 0.51 / -0.06, ty
+  # 0.26 / 0.05, roll 0.98 / -2.58, pitch -0.09 / -1.03, yaw 0.43 / 0.53, tz 0.58 / 3.58:
+  # largest 3.58, RMS 1.37. Of these, at pixels more than one pixel from the outline at
+  # most 1.06 (occlusion boundaries inside the face, eyelids and nose, are not antialiased:
+  # test_rasterizer's strict xfail on an occluding ellipse), on the outline ring up to 3.41:
+  # a pixel pair blends with the neighbour's colour, while the supersampled pixel shows its
+  # own background (random per pixel here) and, at the turned face's side, the sheet behind
+  # the cheek's contour. Without the image blend (only the coverage antialiased): largest
+  # 6.13, RMS 2.09, which fails. Main's first-edge rule passes (largest 1.77, RMS 1.02; why
+  # it is closer on this term was not analysed, likely the turned face's outline pixels whose
+  # last exit lies on the sheet behind the cheek, where the blend extends the cheek's colour).
+  errors = np.array([a[1] - s[1] for a, s in inside_gradients.values()])  # (6, B)
+  assert np.abs(errors).max() < 4.5, errors
+  assert np.sqrt(np.mean(errors ** 2)) < 1.8, errors
+
+
+def test_antialiased_coverage_matches_a_supersampled_render(model, scene, rendering):
+  # The antialiased coverage against a 4x4 supersampled hard coverage of the same faces.
+  # Measured sum(mask * RAMP): 1082.2 / 720.5 against 1081.9 / 719.0 (8x: 1081.4 / 719.6);
+  # sum |mask - supersampled|: 6.9 / 7.1, the hard mask's 28.6 / 29.9. With the first edge of
+  # the pixel's own triangle as the outline (before): 1050.1 / 697.2 and 50.4 / 48.0, worse
+  # than no antialiasing.
+  c, background = scene
+  reference = np.asarray(_supersampled_4x(model, c, background)[1], np.float64)
+  mask = np.asarray(rendering.mask, np.float64)
+  hard = np.asarray(rendering.raster.mask, np.float64)
+  np.testing.assert_allclose((mask * RAMP).sum((1, 2)), (reference * RAMP).sum((1, 2)),
+                             rtol=5e-3)
+  error = np.abs(mask - reference).sum((1, 2))
+  assert np.all(error < 0.35 * np.abs(hard - reference).sum((1, 2))), error
 
 
 # ----------------------------------------------------------------------------------------------
