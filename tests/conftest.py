@@ -38,7 +38,7 @@ def fast_compiles():
 SLOW_FILES = ("test_dff_paths.py", "test_train.py", "test_train_multiprocess.py",
               "test_reconstruct.py", "test_real_training.py", "test_train_multidevice.py",
               "test_imagewise.py", "test_dff_real_pairs.py", "test_synthetic.py",
-              "test_evaluate.py", "test_fitting.py", "test_dff_training.py")
+              "test_evaluate.py", "test_rasterizer.py", "test_fitting.py", "test_dff_training.py")
 
 
 def pytest_collection_modifyitems(items):
