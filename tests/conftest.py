@@ -1,7 +1,11 @@
 """Shared test fixtures: paths to the optional real data in ../shared/data."""
 
+import importlib.util
 import math
+import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -39,6 +43,31 @@ SLOW_FILES = ("test_dff_paths.py", "test_train.py", "test_train_multiprocess.py"
               "test_reconstruct.py", "test_real_training.py", "test_train_multidevice.py",
               "test_imagewise.py", "test_dff_real_pairs.py", "test_synthetic.py",
               "test_evaluate.py", "test_rasterizer.py", "test_fitting.py", "test_dff_training.py")
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run, shared by the xdist workers and the
+  processes the tests start (CLI runs, multi-process training): a program compiled once, by
+  any of them, is read from disk by the others and again after `release_compiled_code` has
+  dropped it. The cache lives in a fresh temporary folder removed at the end, so every run
+  (CI's included) starts cold and measures its own compilations. A finite size makes JAX lock
+  the folder (filelock) around each read and write, which concurrent workers need. A cache the
+  caller configured (JAX_COMPILATION_CACHE_DIR) is used as it is."""
+  if ("PYTEST_XDIST_WORKER" in os.environ or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+      or importlib.util.find_spec("filelock") is None):
+    return
+  folder = tempfile.mkdtemp(prefix="dff3d-xla-cache-")
+  config.dff3d_xla_cache = folder
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+
+
+def pytest_unconfigure(config):
+  folder = getattr(config, "dff3d_xla_cache", None)
+  if folder:
+    shutil.rmtree(folder, ignore_errors=True)
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def pytest_collection_modifyitems(items):
