@@ -21,9 +21,16 @@ ARGS = ["--config=cpu", f"--max_steps={STEPS}", "--batch_size=4", "--image_size=
         "--loss_weights=photo=0,dff=0", "--log_every_steps=1"]
 
 
-def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def _env(devices, cache=True):
+  """The subprocess environment; cache=False leaves out the run's persistent compilation cache
+  (conftest): with it the two processes of a resumed run, one reading a program from disk
+  while the other compiled it, reached their first collective too far apart and gloo's
+  connect timed out (seen once in a full run)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if not cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
 
 
 def _free_port():
@@ -37,7 +44,8 @@ def _start(workdir, devices, process_id=None, port=None, log=None):
   if process_id is not None:
     cmd += [f"--coordinator_address=localhost:{port}", "--num_processes=2",
             f"--process_id={process_id}"]
-  return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(cmd, cwd=REPO, env=_env(devices, cache=process_id is None),
+                          stdout=log, stderr=subprocess.STDOUT)
 
 
 def _two_processes(workdir, tmp_path, kill_at_checkpoint=None):
