@@ -28,7 +28,6 @@ from experiments import configs
 S = 32
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def colour_descriptors(images):

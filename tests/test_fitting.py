@@ -26,7 +26,6 @@ B = 4   # batch of every landmark / photometric fit (one compilation each)
 CONFIG = fitting.FitConfig(image_size=S, photo_size=0, photo_steps=20)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

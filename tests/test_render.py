@@ -119,7 +119,6 @@ def _render(model, c, background):
   return render_lib.render(model, c, (S, S), background=background)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
