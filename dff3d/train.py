@@ -67,6 +67,7 @@ class TrainConfig:
   aflw_pseudo68: str = ""          # .npz of data_prep.aflw_pseudo68 (crop boxes, 68 labels)
   aflw_labels: str = "pts21"       # "pts21" (the 21 hand points) or "pseudo68" (fitted 68)
   aflw_max_train: int = 0          # use only the first N training crops (0: all)
+  aflw_pose_balance: bool = False  # repeat 30-60 / 60+ degree crops to the 0-30 group's count
   synthetic_mix: int = 0           # data="aflw": add this many synthetic faces to training
   dev_dir: str = ""                # AFLW2000-3D folder validated every epoch ("" -> none)
   log_every_steps: int = 20
@@ -285,7 +286,7 @@ def make_sources(config: TrainConfig):
   if config.data == "aflw":
     from dff3d.data import real
     train, val = real.aflw_sources(config.aflw_dir, config.aflw_pseudo68, config.aflw_labels,
-                                   config.aflw_max_train)
+                                   config.aflw_max_train, config.aflw_pose_balance)
     if config.synthetic_mix:
       size = config.synthetic_render_size or int(round(config.image_size * 1.25))
       train = sources.ConcatSource(train, synthetic_pool(config.synthetic_mix, size,

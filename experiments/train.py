@@ -40,6 +40,8 @@ _PSEUDO = flags.DEFINE_string("aflw_pseudo68", None, "Override: pseudo-68 .npz o
 _LABELS = flags.DEFINE_enum("aflw_labels", None, ["pts21", "pseudo68"], "Override: AFLW labels.")
 _AFLW_DIR = flags.DEFINE_string("aflw_dir", None, "Override: 3DDFA AFLW folder.")
 _MAX_TRAIN = flags.DEFINE_integer("aflw_max_train", None, "Override: AFLW training crops used.")
+_BALANCE = flags.DEFINE_bool("aflw_pose_balance", None, "Override: repeat the AFLW training "
+                             "crops of 30-60 and 60+ degrees of yaw to the 0-30 group's count.")
 _MIX = flags.DEFINE_integer("synthetic_mix", None, "Override: synthetic faces added to AFLW.")
 _DEV = flags.DEFINE_string("dev_dir", None, "Override: AFLW2000-3D folder validated per epoch.")
 _DECAY = flags.DEFINE_integer("decay_epoch", None, "Override: epochs before the lr decay.")
@@ -74,6 +76,7 @@ def main(argv):
                "eval_every_steps": _EVAL.value, "checkpoint_every_steps": _CKPT.value,
                "seed": _SEED.value, "aflw_pseudo68": _PSEUDO.value, "aflw_labels": _LABELS.value,
                "aflw_dir": _AFLW_DIR.value, "aflw_max_train": _MAX_TRAIN.value,
+               "aflw_pose_balance": _BALANCE.value,
                "synthetic_mix": _MIX.value, "dev_dir": _DEV.value, "decay_epoch": _DECAY.value,
                "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value,
                "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value}

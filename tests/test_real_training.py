@@ -246,6 +246,33 @@ def test_aflw_sources_label_modes(tmp_path):
   assert batch["landmarks"].shape == (2, 68, 2) and (batch["landmark_set"] == 0).all()
 
 
+def test_pose_balanced_rows_fill_every_yaw_group_to_the_largest():
+  yaw = np.array([5.0, -12.0, 29.9, 3.0, 0.0, 45.0, -31.0, 88.0, 120.0, 30.0, -60.0])
+  # groups (|yaw|): 0-30 rows 0, 1, 2, 3, 4 | 30-60 rows 5, 6, 9 | 60+ rows 7, 8, 10
+  rows = real.pose_balanced_rows(yaw, seed=3)
+  assert rows.dtype == np.int64 and len(rows) == 15
+  groups = np.searchsorted([30.0, 60.0], np.abs(yaw[rows]), side="right")
+  np.testing.assert_array_equal(np.bincount(groups), [5, 5, 5])
+  assert set(rows.tolist()) == set(range(11))  # every row kept
+  counts = np.bincount(rows, minlength=11)
+  assert counts[[0, 1, 2, 3, 4]].tolist() == [1] * 5  # the largest group is not repeated
+  assert sorted(counts[[5, 6, 9]].tolist()) == [1, 2, 2]  # even repeats (5 = 3 + 2)
+  np.testing.assert_array_equal(rows, real.pose_balanced_rows(yaw, seed=3))
+  assert len(real.pose_balanced_rows(np.array([10.0, 20.0]))) == 2  # empty groups stay empty
+
+
+def test_aflw_sources_pose_balance_repeats_turned_training_crops(tmp_path):
+  test_aflw_3ddfa._write_layout(tmp_path)
+  plain, val = real.aflw_sources(str(tmp_path))
+  tr, val_b = real.aflw_sources(str(tmp_path), pose_balance=True)
+  yaw = lambda src: np.array([src[i]["yaw_deg"] for i in range(len(src))])
+  groups = np.bincount(np.searchsorted([30.0, 60.0], np.abs(yaw(tr)), side="right"))
+  # the layout's 4 training crops: yaw -80, -48, -16, 16 -> groups 2, 1, 1 -> 2, 2, 2
+  assert len(plain) == 4 and len(tr) == 6 and groups.tolist() == [2, 2, 2]
+  assert sorted(set(yaw(tr).tolist())) == sorted(set(yaw(plain).tolist()))
+  np.testing.assert_array_equal(yaw(val_b), yaw(val))  # validation untouched
+
+
 def test_aflw2000_source_skips_a_broken_file(tmp_path):
   for i in range(2):
     ex = synthetic.generate(seed=5, index=i, size=64)
