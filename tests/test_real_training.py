@@ -247,7 +247,7 @@ def test_aflw_sources_label_modes(tmp_path):
 
 
 def test_pose_balanced_rows_fill_every_yaw_group_to_the_largest():
-  yaw = np.array([5.0, -12.0, 29.9, 3.0, 0.0, 45.0, -31.0, 88.0, 120.0, 30.0, -60.0])
+  yaw = np.array([5.0, -12.0, 29.9, 3.0, 0.0, 45.0, -31.0, 88.0, 120.0, 35.0, -61.0])
   # groups (|yaw|): 0-30 rows 0, 1, 2, 3, 4 | 30-60 rows 5, 6, 9 | 60+ rows 7, 8, 10
   rows = real.pose_balanced_rows(yaw, seed=3)
   assert rows.dtype == np.int64 and len(rows) == 15

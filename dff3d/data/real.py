@@ -30,6 +30,7 @@ from PIL import Image
 from dff3d import coefficients as coeffs_lib
 from dff3d import fitting
 from dff3d import landmark_sets
+from dff3d import metrics
 from dff3d import morphable_model as mm
 from dff3d import render as render_lib
 from dff3d.datasets import aflw2000_3d
@@ -203,11 +204,9 @@ class AflwSource:
     return ex
 
 
-YAW_GROUP_EDGES = (30.0, 60.0)  # |yaw| groups 0-30, 30-60, 60+ (AFLW2000-3D's, Table 1)
-
-
-def pose_balanced_rows(yaw_deg, seed: int = 0, edges=YAW_GROUP_EDGES) -> np.ndarray:
-  """Rows of a set repeated so that every |yaw| group holds as many as the largest one.
+def pose_balanced_rows(yaw_deg, seed: int = 0) -> np.ndarray:
+  """Rows of a set repeated so that every |yaw| group (metrics.yaw_groups: 0-30, 30-60, 60+)
+  holds as many as the largest one.
 
   The shipped regressor under-turns heads (BUILD_NOTES: median |yaw| 41 against 71 degrees at
   60-90, on its own training crops too) and AFLW holds ~60 % of its crops below 30 degrees.
@@ -220,9 +219,8 @@ def pose_balanced_rows(yaw_deg, seed: int = 0, edges=YAW_GROUP_EDGES) -> np.ndar
     (m,) int64 row indices into the n rows, m = groups present x the largest group's size,
     grouped in ascending |yaw| (the pipeline shuffles each epoch).
   """
-  group = np.searchsorted(np.asarray(edges, np.float64), np.abs(np.asarray(yaw_deg, np.float64)),
-                          side="right")
-  members = [np.flatnonzero(group == g) for g in range(len(edges) + 1)]
+  group = metrics.yaw_groups(yaw_deg)
+  members = [np.flatnonzero(group == g) for g in range(3)]
   largest = max(len(m) for m in members)
   rng = np.random.default_rng(seed)
   out = []
