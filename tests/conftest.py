@@ -5,7 +5,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -51,10 +50,6 @@ def _fast_compiles():
   suite 35:46 -> 20:57 (with the cache below), test_train alone 310 -> 249 s. What the suite
   does not exercise is XLA's optimised code; the benchmarks and the job run that."""
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-  if "jax" in sys.modules:  # imported already (a plugin): the variable came too late
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_disable_most_optimizations",
-                      os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
 
 
 def _compilation_cache(config):
