@@ -27,6 +27,9 @@ class LossWeights:
   reg_identity: float = REG_IDENTITY
   reg_albedo: float = REG_ALBEDO
   reg_expression: float = REG_EXPRESSION
+  # Not in the paper: a supervised head-rotation term (rotation_loss) on pose labels, e.g. the
+  # pseudo-68 fit's rotation of real AFLW crops; 0 (off) by default.
+  pose: float = 0.0
 
 
 def landmark_loss(pred, target, weights=None, image_size=224.0):
@@ -90,6 +93,22 @@ def dff_loss(desc_image, desc_rendered, visible):
   """
   d2 = jnp.sum(jnp.square(desc_image - desc_rendered), -1)
   return jnp.mean(jnp.sum(visible * d2, -1))
+
+
+def rotation_loss(pred, target, weight):
+  """L_pose = ||R - R_hat||_F^2 = 4 (1 - cos theta) for a relative rotation by theta.
+
+  Unlike L_land, whose gradient with respect to yaw fades as cos(yaw) towards a profile view,
+  this one pulls every pose alike.
+
+  Args:
+    pred, target: (B, 3, 3) rotation matrices (camera.rotation_matrix).
+    weight: (B,) per-example weight (0 where an example has no pose label).
+  Returns:
+    scalar, mean over the batch.
+  """
+  d2 = jnp.sum(jnp.square(pred - target), (-2, -1))
+  return jnp.mean(weight * d2)
 
 
 def regularization(identity, albedo, expression, w_identity=REG_IDENTITY, w_albedo=REG_ALBEDO,

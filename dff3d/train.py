@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import distributed
 from dff3d import landmark_sets
@@ -140,7 +141,8 @@ def compute_losses(params, batch, *, net, model, table, config: TrainConfig, poi
 
   Args:
     batch: "image" (B, S, S, 3), "landmarks" (B, 68, 2) crop pixels (padded point sets),
-      "landmarks_visible" (B, 68) in {0, 1}, "landmark_set" (B,) int set index.
+      "landmarks_visible" (B, 68) in {0, 1}, "landmark_set" (B,) int set index; optional
+      "rotation" (B, 3, 3) pose labels with "rotation_weight" (B,) (the "pose" term).
     table: landmark_sets.SetTable of `model`.
     point_error: (n_sets, 68); land_error_on: () float in {0, 1} (traced: no recompilation).
     dff_fn: frozen DFF (images -> unit descriptors) or None.
@@ -176,6 +178,10 @@ def compute_losses(params, batch, *, net, model, table, config: TrainConfig, poi
   }
   total = (w.land * terms["land"] + w.land_error * terms["land_error"]
            + w.photo * terms["photo"] + w.reg * terms["reg"])
+  if "rotation" in batch:
+    terms["pose"] = losses.rotation_loss(camera.rotation_matrix(c.rotation), batch["rotation"],
+                                         batch["rotation_weight"])
+    total = total + w.pose * terms["pose"]
   if dff_fn is not None:
     lm_ids = model.landmarks
     visible = losses.landmark_visibility(r.normals_cam[:, lm_ids], r.vertices_cam[:, lm_ids])
@@ -243,8 +249,11 @@ def synthetic_pool(num: int, size: int, seed: int, chunk: int = 32):
     b = synthetic.sample_batch(key, model, chunk, size)
     img = np.asarray(jnp.round(b["image"] * 255.0)).astype(np.uint8)
     pts, vis = np.asarray(b["landmarks"]), np.asarray(b["landmarks_visible"])
+    rot = np.asarray(camera.rotation_matrix(
+        coeffs_lib.split(b["coefficients"], model.sizes).rotation), np.float32)
     for i in range(min(chunk, num - start)):
-      out.append({"image": img[i], "landmarks": pts[i], "landmarks_visible": vis[i]})
+      out.append({"image": img[i], "landmarks": pts[i], "landmarks_visible": vis[i],
+                  "rotation": rot[i]})
   return out
 
 
@@ -286,7 +295,8 @@ def make_sources(config: TrainConfig):
   if config.data == "aflw":
     from dff3d.data import real
     train, val = real.aflw_sources(config.aflw_dir, config.aflw_pseudo68, config.aflw_labels,
-                                   config.aflw_max_train, config.aflw_pose_balance)
+                                   config.aflw_max_train, config.aflw_pose_balance,
+                                   with_pose=config.weights.pose > 0)
     if config.synthetic_mix:
       size = config.synthetic_render_size or int(round(config.image_size * 1.25))
       train = sources.ConcatSource(train, synthetic_pool(config.synthetic_mix, size,
@@ -583,8 +593,10 @@ def _workdir_pseudo68(config: TrainConfig, workdir: str, verbose: bool) -> str:
 
 def host_batch(batch) -> dict:
   """The training step's inputs of one pipeline batch as NumPy: image (B, S, S, 3),
-  landmarks (B, 68, 2), landmarks_visible (B, 68) float32; landmark_set (B,) int32."""
-  out = {k: np.asarray(batch[k], np.float32) for k in ("image", "landmarks", "landmarks_visible")}
+  landmarks (B, 68, 2), landmarks_visible (B, 68), rotation (B, 3, 3) and rotation_weight
+  (B,) (when the batch has them) float32; landmark_set (B,) int32."""
+  keys = ("image", "landmarks", "landmarks_visible", "rotation", "rotation_weight")
+  out = {k: np.asarray(batch[k], np.float32) for k in keys if k in batch}
   out["landmark_set"] = np.asarray(batch["landmark_set"], np.int32)
   return out
 

@@ -178,3 +178,39 @@ def test_augmented_crop_no_augment_and_visibility():
   assert not out["landmarks_visible"][45] and out["landmarks_visible"][36]
   with pytest.raises(ValueError, match="needs a flip permutation for 34 points"):
     augment.augmented_crop(np.zeros((80, 90, 3)), pts[:34], None, rng, 32, flip)
+
+
+def test_transform_rotation_follows_the_augmented_landmarks():
+  """A face rendered at rotation R, cropped, turned and (half the time) mirrored by
+  augmented_crop, has the landmarks of the face rendered at transform_rotation(R, affine):
+  equal up to translation and scale (the crop's), to 1e-3 of the landmarks' spread."""
+  import jax.numpy as jnp
+  from dff3d import camera
+  from dff3d import morphable_model as mm
+  from dff3d import render as render_lib
+  model = mm.default_model()
+
+  def landmarks(rotation, size):
+    c = mm.zero_coefficients(model, 1).replace(
+        rotation=camera.angles_from_matrix(jnp.asarray(rotation, jnp.float32))[None])
+    _, screen, _ = render_lib.camera_vertices(model, c, (size, size))
+    return np.asarray(mm.landmark_points(model, screen)[0, :, :2], np.float64)
+
+  def normalised(p):
+    p = p - p.mean(0)
+    return p / np.sqrt(np.square(p).sum(1).mean())
+
+  rng = np.random.default_rng(0)
+  cfg = augment.AugmentConfig(flip_prob=0.5, max_rotation_deg=30.0, colour_range=None)
+  flips = 0
+  for trial in range(8):
+    angles = np.deg2rad([rng.uniform(-20, 20), rng.uniform(-70, 70), rng.uniform(-20, 20)])
+    rotation = np.asarray(camera.rotation_matrix(jnp.asarray(angles, jnp.float32)))
+    out = augment.augmented_crop(np.zeros((120, 120, 3), np.uint8), landmarks(rotation, 120),
+                                 None, np.random.default_rng(trial), 96, cfg)
+    flips += np.linalg.det(out["affine"][:, :2]) < 0
+    moved = augment.transform_rotation(rotation, out["affine"])
+    assert moved.dtype == np.float32 and np.linalg.det(moved) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(normalised(landmarks(moved, 96)), normalised(out["landmarks"]),
+                               atol=1e-3)
+  assert 0 < flips < 8  # both branches ran

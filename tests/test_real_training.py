@@ -1,6 +1,7 @@
 """Training on mixed landmark sets: pipeline rows, fitting to AFLW-21, per-point error
 bookkeeping, the fixed training-loop defects, real-data sources and regressor loading."""
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from dff3d import morphable_model as mm
 from dff3d import render as render_lib
 from dff3d import synthetic
 from dff3d import train
-from dff3d.data import augment, pipeline, real
+from dff3d.data import augment, pipeline, real, sources
 from dff3d.datasets import aflw_3ddfa
 from experiments import configs
 from tests import test_aflw_3ddfa
@@ -301,3 +302,74 @@ def test_write_pseudo68_is_read_back_by_name(tmp_path, model):
   assert p68.shape == (len(names), 68, 2) and np.all(np.isfinite(p68))
   np.testing.assert_array_equal(err, err2)
   assert not list(tmp_path.glob("*.tmp.npz"))  # written atomically
+
+
+def test_pose_labels_reach_the_batch_and_the_pose_term(tmp_path, model):
+  """with_pose: training crops carry their fit's rotation, the pipeline moves it with the
+  augmentation, rows without a label weigh 0, and L_pose = ||R - R_hat||_F^2 pulls the
+  network's rotation."""
+  from dff3d import camera
+  from dff3d import coefficients as coeffs_lib
+  names, *_ = test_aflw_3ddfa._write_layout(tmp_path)
+  p = coeffs_lib.size(model.sizes)
+  flat = np.zeros((len(names), p), np.float32)
+  angles = np.stack([np.zeros(len(names)), np.linspace(-1.0, 1.0, len(names)),
+                     np.full(len(names), 0.1)], 1).astype(np.float32)
+  flat[:, p - 33:p - 30] = angles  # the rotation field (before translation 3, lighting 27)
+  test_aflw_3ddfa._write_pseudo68(tmp_path, names, order=range(len(names) - 1),
+                                  overrides={"coefficients": flat[:-1]})  # last crop: none
+  partial = tmp_path / "partial.npz"
+  npz = str(tmp_path / aflw_3ddfa.PSEUDO68_FILE)
+  os.replace(npz, partial)
+  listing = aflw_3ddfa.load_aflw_3ddfa(tmp_path)
+  rot = real.pose_labels(partial, listing.names, model)
+  want = np.asarray(camera.rotation_matrix(jnp.asarray(angles)))
+  row = {n: k for k, n in enumerate(names)}
+  for k, n in enumerate(listing.names):
+    if row[n] == len(names) - 1:
+      assert np.isnan(rot[k]).all()
+    else:
+      np.testing.assert_allclose(rot[k], want[row[n]], atol=1e-6)
+  test_aflw_3ddfa._write_pseudo68(tmp_path, names, overrides={"coefficients": flat})
+  labelled, va = real.aflw_sources(str(tmp_path), npz, "pseudo68", with_pose=True)
+  plain, _ = real.aflw_sources(str(tmp_path), npz, "pseudo68")
+  assert all("rotation" in labelled[i] and "rotation" not in plain[i]
+             for i in range(len(plain)))
+  tr = sources.ConcatSource(labelled, plain)
+  assert "rotation" not in va[0]
+  with pytest.raises(ValueError, match="pose labels need"):
+    real.aflw_sources(str(tmp_path), "", "pts21", with_pose=True)
+  aug = augment.AugmentConfig(flip_prob=0.5, max_rotation_deg=30.0, colour_range=None)
+  pipe = pipeline.InputPipeline(tr, pipeline.PipelineConfig(batch_size=len(tr), image_size=32,
+                                                            augment=aug, shuffle=False))
+  batch = next(pipe.epoch(0))
+  for b in range(len(tr)):
+    ex = tr[b]
+    if "rotation" in ex:
+      assert batch["rotation_weight"][b] == 1.0
+      np.testing.assert_allclose(batch["rotation"][b],
+                                 augment.transform_rotation(ex["rotation"], batch["affine"][b]),
+                                 atol=1e-6)
+    else:
+      assert batch["rotation_weight"][b] == 0.0
+      np.testing.assert_array_equal(batch["rotation"][b], np.eye(3))
+  assert batch["rotation_weight"].sum() == len(plain)
+  # The term: the untrained network predicts rotation 0, i.e. R = I.
+  cfg, net, state, table = _untrained(model)
+  cfg = cfg.replace(weights=cfg.weights.replace(pose=10.0))
+  target = np.asarray(camera.rotation_matrix(jnp.asarray([[0.0, 0.5, 0.0], [0.0, 1.0, 0.0]])))
+  host = {"image": jnp.zeros((2, 32, 32, 3)), "landmarks": jnp.full((2, 68, 2), 16.0),
+          "landmarks_visible": jnp.ones((2, 68)), "landmark_set": jnp.zeros((2,), jnp.int32),
+          "rotation": jnp.asarray(target), "rotation_weight": jnp.asarray([1.0, 0.0])}
+  f = lambda params, bt: train.compute_losses(params, bt, net=net, model=model, table=table,
+                                              config=cfg, point_error=state.point_error,
+                                              land_error_on=jnp.float32(0.0))
+  total, aux = f(state.params, host)
+  assert float(aux["pose"]) == pytest.approx(4 * (1 - np.cos(0.5)) / 2, rel=1e-5)
+  no_pose = {k: v for k, v in host.items() if k not in ("rotation", "rotation_weight")}
+  total0, aux0 = f(state.params, no_pose)
+  assert "pose" not in aux0
+  assert float(total - total0) == pytest.approx(10.0 * float(aux["pose"]), rel=1e-4)
+  grads = jax.grad(lambda prm: f(prm, host)[0] - f(prm, no_pose)[0])(state.params)
+  bias = np.asarray(grads["head"]["dense"]["bias"])
+  assert np.abs(bias[p - 33:p - 30]).max() > 0 and np.abs(bias[:p - 33]).max() == 0

@@ -101,6 +101,36 @@ def _crop_chain(box, angle_deg, do_flip, points, size):
   return a, camera.invert_affine(a), camera.apply_affine(a, points)
 
 
+def transform_rotation(rotation, affine) -> np.ndarray:
+  """The head rotation of a face after its image moved by a 2D affine (a pose label that
+  follows the crop, rotation and flip augmentations).
+
+  The affine's linear part is s Q with Q orthogonal (2, 2) in pixel axes (y down). In camera
+  axes (y up, dff3d.camera) it is D Q D, D = diag(1, -1), embedded as L = blockdiag(D Q D, 1):
+  a turn of the image about the principal point is a turn of the camera about its optical
+  axis, R' = L R; a mirrored image (det Q < 0) shows the mirrored head, R' = L R F with
+  F = diag(-1, 1, 1) the model's left-right mirror (a flip alone gives F R F: pitch kept, yaw
+  and roll negated). Exact for rotations about the principal point; the perspective of a face
+  shifted off it is ignored (scale and shift leave R unchanged).
+
+  Args:
+    rotation: (3, 3) model-to-camera rotation (camera.rotation_matrix) in the source frame.
+    affine: (2, 3) source pixels -> output pixels (augmented_crop's "affine").
+  Returns:
+    (3, 3) float32 rotation in the output frame (det +1).
+  """
+  lin = np.asarray(affine, np.float64)[:, :2]
+  u, _, vt = np.linalg.svd(lin)
+  q = u @ vt  # the orthogonal factor of s Q
+  d = np.diag([1.0, -1.0])
+  left = np.eye(3)
+  left[:2, :2] = d @ q @ d
+  out = left @ np.asarray(rotation, np.float64)
+  if np.linalg.det(q) < 0:
+    out = out @ np.diag([-1.0, 1.0, 1.0])
+  return out.astype(np.float32)
+
+
 def warp_affine(image, affine, out_height: int, out_width: int) -> np.ndarray:
   """Bilinear resampling: out(p) = image(A^-1 p) for every output pixel centre p.
 

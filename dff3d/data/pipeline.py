@@ -15,6 +15,10 @@ Each batch is a dict:
                       "landmark_set", a name or index; default iBUG-68); K is then always 68
                       (landmark_sets.MAX_POINTS): shorter sets are zero-padded, visibility 0
   "index"             (B,) int32, the source index (-1 on padding rows, see pad_last_batch)
+  "rotation"          (B, 3, 3) float32, the head rotation label in the crop's frame (the
+                      example's "rotation" (3, 3) moved by augment.transform_rotation), the
+                      identity where an example has none
+  "rotation_weight"   (B,) float32, 1 where the example has a rotation label, else 0
   plus config.extra_keys copied from the examples (stacked as numpy arrays).
 With num_devices = n every array is reshaped to (n, B / n, ...).
 
@@ -171,6 +175,10 @@ class InputPipeline:
         out["landmarks"], out["landmarks_visible"])
     out["landmark_set"] = np.int32(landmark_sets.INDEX[lset.name])
     out["index"] = np.int32(index)
+    has_rotation = "rotation" in ex
+    out["rotation"] = (augment.transform_rotation(ex["rotation"], out["affine"]) if has_rotation
+                       else np.eye(3, dtype=np.float32))
+    out["rotation_weight"] = np.float32(has_rotation)
     for key in cfg.extra_keys:
       out[key] = np.asarray(ex[key])
     return out

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import fitting
 from dff3d import landmark_sets
@@ -174,17 +175,20 @@ class AflwSource:
     indices: (n,) int rows of the listing (e.g. aflw_3ddfa.split_indices(listing, "train")).
     pseudo68: optional (N, 68, 2) crop-pixel pseudo-68 points of every listing row.
     labels: "pts21" or "pseudo68" (needs pseudo68).
+    rotations: optional (N, 3, 3) head rotation labels of every listing row (the pseudo-68
+      fit's, pose_labels); NaN rows (crops the fit did not cover) carry none.
   Examples: "image" (JPEG bytes), "landmarks" (21 or 68, 2), "landmarks_visible", "landmark_set",
-  "yaw_deg", and "box_landmarks" (68, 2) when pseudo68 is given.
+  "yaw_deg", "box_landmarks" (68, 2) when pseudo68 is given and "rotation" (3, 3) when
+  rotations are.
   """
 
-  def __init__(self, listing, indices, pseudo68=None, labels: str = "pts21"):
+  def __init__(self, listing, indices, pseudo68=None, labels: str = "pts21", rotations=None):
     if labels not in ("pts21", "pseudo68"):
       raise ValueError(f"labels must be 'pts21' or 'pseudo68', got {labels!r}")
     if labels == "pseudo68" and pseudo68 is None:
       raise ValueError("labels='pseudo68' needs the pseudo-68 points (data_prep.aflw_pseudo68)")
     self._listing, self._idx = listing, np.asarray(indices, np.int64)
-    self._p68, self._labels = pseudo68, labels
+    self._p68, self._labels, self._rot = pseudo68, labels, rotations
 
   def __len__(self):
     return len(self._idx)
@@ -201,7 +205,30 @@ class AflwSource:
                 landmark_set="aflw21")
     if self._p68 is not None:
       ex["box_landmarks"] = self._p68[k]
+    if self._rot is not None and np.all(np.isfinite(self._rot[k])):
+      ex["rotation"] = self._rot[k]
     return ex
+
+
+def pose_labels(pseudo68_path, names, model=None) -> np.ndarray:
+  """(N, 3, 3) float32 head rotations of the pseudo-68 fit (camera.rotation_matrix of its
+  coefficients' rotation) in the row order of `names`; NaN for crops the file lacks.
+
+  The landmark-only fit turns the head as AFLW's yaw labels say (BUILD_NOTES: median |yaw|
+  within 0.9-4.8 degrees up to 90) where the regressor trained on the 68 points alone
+  under-turns it; a rotation term on these labels (LossWeights.pose) supervises the pose
+  directly.
+
+  Raises:
+    aflw_3ddfa's DatasetNotFoundError / DatasetFormatError (e.g. a file without coefficients).
+  """
+  model = mm.default_model() if model is None else model
+  flat, _, found = aflw_3ddfa.load_pseudo68_coefficients(pseudo68_path, names,
+                                                         coeffs_lib.size(model.sizes))
+  angles = np.nan_to_num(coeffs_lib.split(flat, model.sizes).rotation)
+  rot = np.array(camera.rotation_matrix(angles), np.float32)
+  rot[~found] = np.nan
+  return rot
 
 
 def pose_balanced_rows(yaw_deg, seed: int = 0) -> np.ndarray:
@@ -231,18 +258,25 @@ def pose_balanced_rows(yaw_deg, seed: int = 0) -> np.ndarray:
 
 
 def aflw_sources(directory, pseudo68_path: str = "", labels: str = "pts21",
-                 max_train: int = 0, pose_balance: bool = False):
+                 max_train: int = 0, pose_balance: bool = False, with_pose: bool = False):
   """(train, validation) AflwSources of a 3DDFA AFLW folder (split by aflw_3ddfa.split_of);
-  pose_balance: the training rows repeated by pose_balanced_rows (validation as it is)."""
+  pose_balance: the training rows repeated by pose_balanced_rows (validation as it is);
+  with_pose: training examples carry the fit's "rotation" (pose_labels; needs a pseudo-68
+  file with coefficients)."""
   listing = aflw_3ddfa.load_aflw_3ddfa(directory)
   p68 = aflw_3ddfa.load_pseudo68(pseudo68_path, listing.names)[0] if pseudo68_path else None
+  if with_pose and not pseudo68_path:
+    raise ValueError("pose labels need a pseudo-68 file with coefficients "
+                     "(data_prep.aflw_pseudo68)")
+  rot = pose_labels(pseudo68_path, listing.names) if with_pose else None
   train = aflw_3ddfa.split_indices(listing, "train")
   if max_train:
     train = train[:max_train]
   if pose_balance:
     train = train[pose_balanced_rows(listing.yaw_deg[train])]
   val = aflw_3ddfa.split_indices(listing, "validation")
-  return AflwSource(listing, train, p68, labels), AflwSource(listing, val, p68, "pts21")
+  return (AflwSource(listing, train, p68, labels, rot),
+          AflwSource(listing, val, p68, "pts21"))
 
 
 class Aflw2000Source:
