@@ -82,8 +82,9 @@ def test_initial_pose_is_exact_for_weak_perspective_landmarks(pose_problem):
 
 def test_initial_pose_recovers_a_known_rotation_under_full_perspective(pose_problem):
   # Weak perspective ignores that nearer parts of the face are magnified and that a face off
-  # the optical axis is seen at an angle: at this pose the measured errors are 1.50 (pitch),
-  # 5.10 (yaw) and 0.87 (roll) degrees, tx -0.67 cm, ty 0.30 cm (bounds ~1.5x).
+  # the optical axis is seen at an angle: at this pose the measured errors are 2.03 (pitch),
+  # 4.40 (yaw) and 1.14 (roll) degrees, tx -0.49 cm, ty 0.31 cm (1.50, 5.10, 0.87 degrees
+  # with ICT's own, shallower jaw vertices; bounds 1.2-1.7x).
   points, screen, focal, pp = pose_problem
   rot, trans = fitting.initial_pose(points, screen, focal, pp)
   err = angle_error_deg(rot[0], ROTATION)
@@ -117,8 +118,9 @@ def test_initial_pose_weights_drop_outliers(pose_problem):
   rot_k, trans_k = fitting.initial_pose(points[keep], screen[:, keep], focal, pp)
   np.testing.assert_allclose(rot_w, rot_k, atol=1e-5)
   np.testing.assert_allclose(trans_w, trans_k, atol=1e-3)
-  # And stays as good as the clean fit (within the full-perspective bounds above) ...
-  assert np.all(angle_error_deg(rot_w[0], ROTATION) < [2.5, 7.5, 1.5])
+  # And stays as good as a clean fit of the kept points (measured 2.76, 4.38, 1.49 degrees;
+  # bounds ~1.3x) ...
+  assert np.all(angle_error_deg(rot_w[0], ROTATION) < [3.5, 6.0, 2.0])
   # ... while the same outliers unweighted pull the pose away (measured: yaw 8.8, roll 5.3
   # degrees off the clean fit, translation 7 cm).
   rot_u, _ = fitting.initial_pose(points, noisy, focal, pp)
