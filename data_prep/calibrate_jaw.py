@@ -1,6 +1,6 @@
 r"""Choose the model vertices of the iBUG jaw line (points 0-16) from AFLW2000-3D's 3D labels.
 
-  python -m data_prep.calibrate_jaw --data_dir=../shared/data/aflw2000_3d_sample
+  python -m data_prep.calibrate_jaw --aflw2000_dir=../shared/data/aflw2000_3d_sample
 
 A jaw landmark is a fixed model vertex, but models disagree on which: ICT's jaw vertices lie
 on a frontal face's outline too far forward for the BFM fits behind AFLW2000-3D (and 3DDFA's
@@ -28,7 +28,7 @@ from dff3d import morphable_model as mm
 from dff3d.data import augment
 from dff3d.datasets import aflw2000_3d
 
-_DATA = flags.DEFINE_string("data_dir", "../shared/data/aflw2000_3d_sample",
+_DATA = flags.DEFINE_string("aflw2000_dir", "../shared/data/aflw2000_3d_sample",
                             "AFLW2000-3D folder (image .jpg + .mat pairs).")
 
 JAW = np.arange(17)
