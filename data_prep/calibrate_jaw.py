@@ -88,13 +88,12 @@ def mirror_map(mean_shape) -> np.ndarray:
   return cKDTree(v).query(v * np.array([-1.0, 1.0, 1.0]))[1]
 
 
-def choose_vertices(shapes, targets, mean_shape) -> np.ndarray:
+def choose_vertices(cost, mean_shape) -> np.ndarray:
   """(17,) int: least-squares jaw vertices, mirror pairs (j, 16 - j), the chin on the midline.
 
   Args:
-    shapes: (B, N, 3); targets: (B, 17, 3) (mapped_jaw); mean_shape: (N, 3).
+    cost: (17, N) jaw_cost of the fitted shapes and mapped labels; mean_shape: (N, 3).
   """
-  cost = jaw_cost(shapes, targets)
   mirror = mirror_map(mean_shape)
   out = np.zeros(17, np.int64)
   for j in range(8):
@@ -117,8 +116,8 @@ def calibrate(model, points_2d, gt_3d) -> JawCalibration:
   """Jaw vertices of `model` for labelled images: (B, 68, 2) pixels and (B, 68, 3) pt3d_68."""
   shapes = fitted_shapes(model, points_2d)
   targets, residual = mapped_jaw(model, shapes, gt_3d)
-  chosen = choose_vertices(shapes, targets, model.mean_shape)
-  cost = jaw_cost(shapes, targets) / len(shapes)
+  cost = jaw_cost(shapes, targets) / len(shapes)  # computed once: it is (17, N) x B images
+  chosen = choose_vertices(cost, model.mean_shape)
   before = np.asarray(model.landmarks)[JAW]
   return JawCalibration(vertices=chosen, rms=np.sqrt(cost[JAW, chosen]),
                         rms_before=np.sqrt(cost[JAW, before]), align_rms=residual)
