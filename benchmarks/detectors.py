@@ -15,15 +15,18 @@ the regressor crops) with IoU >= 0.5 with augment.face_box of the ground-truth 6
   hog       detector="hog" (default upsample: 0, then 1 where 0 finds nothing; 450 px as is)
   hog0      detector="hog", upsample 0
   hog1      detector="hog", upsample 1 (the default before session 6)
-  cnn       detector="cnn" (upsample 0 on a copy of longer side detect.CNN_MAX_SIDE)
-  cnn300    detector="cnn", cnn_max_side=300
+  cnn       detector="cnn" (upsample 0 on a copy of longer side detect.CNN_FIRST_SIDE, then
+            twice that where it finds nothing, up to detect.CNN_MAX_SIDE)
+  cnn300    detector="cnn" on one copy of 300 px
   cnn_full  detector="cnn", upsample 1 on the full image (about 7 s per image here: only
             the first --full_per_group images of each group's choice)
   auto      detector="auto" (HOG; the CNN as "cnn" where HOG finds nothing)
   both      detector="both" (HOG and the CNN always, merged)
   auto0     detector="auto", upsample=0 (HOG then finds faces of 80 px and more only)
   auto1     detector="auto", upsample=1 (HOG always at upsample 1)
-  auto200   detector="auto", cnn_max_side=200
+  auto200   detector="auto", the CNN on one copy of 200 px
+  auto225   detector="auto", the CNN on one copy of 225 px (the default before session 10)
+  auto900   detector="auto", cnn_max_side=900 (copies of 225, 450 and 900 px)
 
 Each line: mode, images and found per group (0-30, 30-60, 60-90), extra, cnn_runs (images
 where the CNN ran), ms per image (median, mean; time of detect_boxes on the float image
@@ -37,6 +40,9 @@ detect.BOX_CALIBRATION's comment says over every image of --calibration_dirs, an
 --grid=K tiles K x K images of the 0-30 group (450 px each) into one large photo and prints
 found (of K*K) and ms for detector "hog" and "auto" at each max_side of --grid_sides
 (0: no downscaling).
+--paste=S1,S2,... runs --modes on the chosen images of the 60-90 group, each resized by S and
+pasted into a 1920 x 1080 photo of smooth noise (turned faces in a large photo), a line per
+mode and scale (the "found" of the 60-90 group is the figure).
 """
 
 import argparse
@@ -45,6 +51,7 @@ import os
 import time
 
 import numpy as np
+from PIL import Image
 
 from dff3d import detect, io, metrics
 from dff3d.data import augment
@@ -58,13 +65,16 @@ MODES = {
     "hog0": dict(detector="hog", upsample=0),
     "hog1": dict(detector="hog", upsample=1),
     "cnn": dict(detector="cnn"),
-    "cnn300": dict(detector="cnn", cnn_max_side=300),
-    "cnn_full": dict(detector="cnn", upsample=1, cnn_max_side=1 << 30),
+    "cnn300": dict(detector="cnn", cnn_first_side=300, cnn_max_side=300),
+    "cnn_full": dict(detector="cnn", upsample=1, cnn_first_side=1 << 30,
+                     cnn_max_side=1 << 30),
     "auto": dict(detector="auto"),
     "both": dict(detector="both"),
     "auto0": dict(detector="auto", upsample=0),
     "auto1": dict(detector="auto", upsample=1),
-    "auto200": dict(detector="auto", cnn_max_side=200),
+    "auto200": dict(detector="auto", cnn_first_side=200, cnn_max_side=200),
+    "auto225": dict(detector="auto", cnn_first_side=225, cnn_max_side=225),
+    "auto900": dict(detector="auto", cnn_max_side=900),
 }
 
 
@@ -91,9 +101,24 @@ def best_match(boxes, gt_box):
   return k, float(ious[k])
 
 
-def run_mode(name, items):
+def paste(image, gt, scale, rng):
+  """(1920 x 1080 photo of smooth noise holding `image` resized by `scale` at a random place,
+  gt (68, 2) moved with it)."""
+  h, w = image.shape[:2]
+  size = (int(round(w * scale)), int(round(h * scale)))
+  if size[0] > 1920 or size[1] > 1080:
+    raise SystemExit(f"--paste scale {scale}: {size} does not fit into 1920 x 1080")
+  face = Image.fromarray((image * 255).round().astype(np.uint8)).resize(size, Image.BILINEAR)
+  noise = rng.integers(70, 180, (135, 240, 3), dtype=np.uint8)
+  photo = np.array(Image.fromarray(noise).resize((1920, 1080), Image.BICUBIC))
+  x0, y0 = int(rng.integers(0, 1921 - size[0])), int(rng.integers(0, 1081 - size[1]))
+  photo[y0:y0 + size[1], x0:x0 + size[0]] = np.asarray(face)
+  return photo.astype(np.float32) / 255, gt * scale + np.array([x0, y0])
+
+
+def run_mode(name, images):
+  """One JSON dict for a MODES entry over [(image, gt (68, 2), yaw group)]."""
   kwargs = MODES[name]
-  images = [(io.read_image(p), gt, g) for p, gt, g in items]
   detect.detect_boxes(images[0][0], **kwargs)  # loads the models
   found, n = [0, 0, 0], [0, 0, 0]
   extra, cnn_runs, ms, ious = 0, 0, [], []
@@ -192,6 +217,7 @@ def main():
       os.path.join(_DATA, d) for d in ("aflw2000_3d_dev", "aflw2000_3d_sample")))
   p.add_argument("--grid", type=int, default=0)
   p.add_argument("--grid_sides", default="640,1024,1600,0")
+  p.add_argument("--paste", default="", help="scales, e.g. 1,1.8 (see the module doc)")
   a = p.parse_args()
   if a.calibrate:
     calibrate(a.calibration_dirs.split(","))
@@ -203,10 +229,21 @@ def main():
   for name in a.modes.split(","):
     if name not in MODES:
       raise SystemExit(f"unknown mode {name!r}; one of {', '.join(MODES)}")
+  if a.paste:
+    turned = [(io.read_image(p), gt, g) for p, gt, g in items if g == 2]
+    for scale in [float(v) for v in a.paste.split(",")]:
+      rng = np.random.default_rng(0)
+      photos = [paste(image, gt, scale, rng) + (g,) for image, gt, g in turned]
+      for name in a.modes.split(","):
+        print(json.dumps(dict(paste_scale=scale, photo="1920x1080", **run_mode(name, photos))),
+              flush=True)
+    return
+  for name in a.modes.split(","):
     subset = items
     if name == "cnn_full":
       subset = [it for g in range(3) for it in [x for x in items if x[2] == g][:a.full_per_group]]
-    print(json.dumps(run_mode(name, subset)), flush=True)
+    print(json.dumps(run_mode(name, [(io.read_image(p), gt, g) for p, gt, g in subset])),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Two detectors, both dlib's: the HOG frontal face detector (fast, finds mostly ne
 faces) and the CNN (MMOD) face detector `mmod_human_face_detector.dat` (finds faces at any
 yaw, about 20x slower on the same image). `detect_boxes` runs either, or "auto" (the
 default): HOG, and the CNN on a downscaled copy only where HOG finds nothing (figures in
-BOX_CALIBRATION's and CNN_MAX_SIDE's comments). The landmarks come from dlib's 68-point
+BOX_CALIBRATION's and CNN_FIRST_SIDE's comments). The landmarks come from dlib's 68-point
 shape predictor; the model files are shipped by the `face_recognition_models` package. Both
 are optional dependencies:
 
@@ -164,7 +164,7 @@ DETECTORS = ("auto", "cnn", "hog", "both")
 #   (about -0.22 for yaw < -30 degrees, +0.22 beyond +30). Median IoU of the crop box with
 #   face_box(ground truth) 0.75 (benchmarks/detectors.py; its --calibrate gives 1.517,
 #   (0.036, 0.016) on 181 images).
-# - "cnn": dlib 20.0 CNN at upsample 0 on the 225-px copy (CNN_MAX_SIDE, detect_boxes'
+# - "cnn": dlib 20.0 CNN at upsample 0 on the 225-px copy (CNN_FIRST_SIDE, detect_boxes'
 #   default), the same images: 309 of 316 (dev 293, sample 16): 1.562 (quartiles 1.47-1.66;
 #   dev 1.561, sample 1.64), (0.054, 0.059); x follows the yaw less than HOG's (-0.00 for
 #   yaw < -30, 0.06 within 30, 0.10 beyond +30). Median crop-box IoU 0.81. The framing is the
@@ -183,7 +183,7 @@ BOX_CALIBRATION = {
 # 0.25 s to convert the float image and 0.15 s to downscale it); without downscaling, HOG took
 # 9 s on a 2700-px grid (6 x 6) that it searched in 1.9 s at 1024. 1024 keeps HOG under
 # about 0.7 s per photo and finds faces of a 12-megapixel photo down to about 150 px.
-# CNN_MAX_SIDE bounds the copy the CNN sees (its cost grows with the pixels, single-threaded:
+# CNN_FIRST_SIDE is the first copy the CNN sees (its cost grows with the pixels, single-threaded:
 # about 0.17 / 0.25 / 0.41 / 0.75 / 1.9 s at upsample 0 on 150 / 180 / 225 / 300 / 450 px
 # here). At upsample 0 it finds faces whose rectangle is about 70 px or more in that copy. On
 # AFLW2000-3D (450 px, rectangles 145-340 px) it found the same faces at 225 as at 300 and 450
@@ -199,7 +199,17 @@ DEFAULT_MAX_SIDE = 1024
 # faces); the CNN's true boxes scored 0.26 and more, its 5 others 0.12 and 0.93-1.07
 # (background faces). HOG's 0.3 drops weak boxes; "auto" then asks the CNN.
 MIN_SCORE = {"hog": 0.3, "cnn": 0.0}
-CNN_MAX_SIDE = 225
+
+# The CNN's copies: first CNN_FIRST_SIDE; where that finds nothing, twice the side, and so on up
+# to CNN_MAX_SIDE (and never past the image's own longer side). A face must be about 70 px in
+# the copy, so the 225-px copy of a 1920 x 1080 photo finds only faces over ~600 px: on 10 dev
+# profiles (|yaw| > 60) pasted at their 450-px size into a 1920 x 1080 noise photo (rectangles
+# ~150-340 px) the CNN found 0 at 225 (0.45 s), 0 at 450 (1.6 s) and 6 of 6 at 900 (6 s); at
+# 1.8x that size 6 of 6 at 450 (1.4 s). CNN_MAX_SIDE 450 keeps the worst photo (one that holds
+# no face) near 2.5 s of detection and finds turned faces down to ~15 % of the photo's longer
+# side; detect_boxes(cnn_max_side=900) reaches ~8 % at ~6 s more (figures: BUILD_NOTES).
+CNN_FIRST_SIDE = 225
+CNN_MAX_SIDE = 450
 
 # Two boxes whose crop boxes (crop_box) overlap at least this much (IoU) are one face.
 NMS_IOU = 0.5
@@ -358,15 +368,26 @@ def _cnn_boxes(img, upsample, min_score, max_side) -> list[Box]:
   return sorted(boxes, key=lambda b: -b.score)
 
 
+def _cnn_escalating(img, upsample, min_score, first_side, max_side) -> list[Box]:
+  """_cnn_boxes on a copy of longer side first_side, then twice that where it finds nothing,
+  up to max_side and the image's own longer side (the first copy at least is always tried)."""
+  side, longest = int(first_side), max(img.shape[:2])
+  while True:
+    boxes = _cnn_boxes(img, upsample, min_score, min(side, max_side))
+    if boxes or side >= max_side or side >= longest:
+      return boxes
+    side *= 2
+
+
 def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
                  max_side: int = DEFAULT_MAX_SIDE, cnn_max_side: int = CNN_MAX_SIDE,
-                 nms_iou: float = NMS_IOU) -> list[Box]:
+                 nms_iou: float = NMS_IOU, cnn_first_side: int = CNN_FIRST_SIDE) -> list[Box]:
   """Face boxes of every face found in an image.
 
   Args:
     image: (H, W, 3) float RGB in [0, 1] (uint8 is accepted as is).
     detector: "hog": dlib's HOG detector (fast; mostly near-frontal faces, |yaw| < ~45);
-      "cnn": dlib's CNN detector on a copy downscaled to cnn_max_side (any yaw, slower);
+      "cnn": dlib's CNN detector on downscaled copies (cnn_first_side; any yaw, slower);
       "auto": HOG, and where it finds nothing the CNN as "cnn" (the cost of HOG on the
       images HOG handles, the CNN's coverage on the others; a non-frontal face next to a face
       that HOG finds is missed); "both": HOG and the CNN always, merged (the slowest; finds
@@ -380,10 +401,11 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
     max_side: the image is first downscaled (antialiased) so that its longer side is at most
       this: bounds time and memory on large photos; faces smaller than about
       80 / 2**upsample * (longer side / max_side) px are then lost to HOG.
-    cnn_max_side: the CNN runs on a copy whose longer side is at most min(max_side, this).
-      At upsample 0 the CNN finds faces whose rectangle is at least about 70 px in its copy
-      (a face of 30 % or more of the longer side at 225); raise it for smaller non-frontal
-      faces (the cost grows with its square).
+    cnn_first_side, cnn_max_side: the CNN runs on a copy of longer side cnn_first_side and,
+      where that finds nothing, on copies twice as large in turn, up to min(max_side,
+      cnn_max_side) (or the image's own size). At upsample 0 it finds faces whose rectangle
+      is at least about 70 px in its copy: 30 % of the longer side at 225, 15 % at 450, 8 %
+      at 900; the cost of a copy grows with its square (0.45 / 1.6 / 6 s here).
     nms_iou: boxes whose crop boxes overlap by at least this IoU are merged (nms).
   Returns:
     list of Box(rect (4,) float32 x0, y0, x1, y1 outer corners in dff3d pixels of `image`,
@@ -399,15 +421,17 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
   img = _to_uint8(image)
   cnn_up = 0 if upsample is None else int(upsample)
   cnn_side = min(int(max_side), int(cnn_max_side))
+  cnn = lambda: _cnn_escalating(img, cnn_up, cnn_min, min(int(cnn_first_side), cnn_side),
+                                cnn_side)
   if detector == "cnn":
-    return nms(_cnn_boxes(img, cnn_up, cnn_min, cnn_side), nms_iou)
+    return nms(cnn(), nms_iou)
   if upsample is None:  # coarse first (a quarter of the pixels); finer only if it finds none
     hog = _hog_boxes(img, 0, hog_min, max_side) or _hog_boxes(img, 1, hog_min, max_side)
   else:
     hog = _hog_boxes(img, int(upsample), hog_min, max_side)
   if detector == "hog" or (detector == "auto" and hog):
     return nms(hog, nms_iou)
-  return nms(_cnn_boxes(img, cnn_up, cnn_min, cnn_side) + hog, nms_iou)
+  return nms(cnn() + hog, nms_iou)
 
 
 def landmarks_in_box(image, box) -> np.ndarray:

@@ -128,15 +128,16 @@ class Reconstructor:
     fit_config: FitConfig of the per-image fit to landmarks (dlib's or given); its contour
       defaults to "silhouette" (landmarks annotated on the visible outline).
     batch_size: faces per compiled batch (the last one is padded).
-    min_score, upsample, max_side: detector settings (detect.detect_boxes; None: its
-      per-detector defaults).
+    min_score, upsample, max_side, cnn_max_side: detector settings (detect.detect_boxes;
+      None: its defaults).
     dff_fn: optional frozen DFF for the photometric stages (models.dff.load_frozen_dff).
   """
 
   def __init__(self, model: Optional[mm.MorphableModel] = None, regressor="shipped",
                landmarks: str = "regressor", detector: str = "auto", refine_steps: int = 0,
                fit_config: Optional[fitting.FitConfig] = None, batch_size: int = 8,
-               min_score: Optional[float] = None, upsample: Optional[int] = None, max_side: Optional[int] = None,
+               min_score: Optional[float] = None, upsample: Optional[int] = None,
+               max_side: Optional[int] = None, cnn_max_side: Optional[int] = None,
                dff_fn=None):
     if landmarks not in LANDMARK_MODES:
       raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {landmarks!r}")
@@ -156,8 +157,9 @@ class Reconstructor:
     from dff3d import detect  # pylint: disable=g-import-not-at-top
     if detector not in detect.DETECTORS:
       raise ValueError(f"detector must be one of {detect.DETECTORS}, got {detector!r}")
-    if max_side is not None:
-      self.detect_options["max_side"] = max_side
+    for name, value in (("max_side", max_side), ("cnn_max_side", cnn_max_side)):
+      if value is not None:
+        self.detect_options[name] = int(value)
     self.dff_fn = dff_fn
 
   @property

@@ -68,6 +68,10 @@ _UPSAMPLE = flags.DEFINE_integer("detector_upsample", None, "dlib upsampling for
                                   "(default: 1 for HOG, 0 for the CNN).")
 _MIN_SCORE = flags.DEFINE_float("min_score", None, "Drop detections at or below this score "
                                 "(default: HOG 0.3, CNN 0; see detect.MIN_SCORE).")
+_CNN_MAX_SIDE = flags.DEFINE_integer("cnn_max_side", None, "Largest copy (longer side, px) the "
+                                     "CNN detector escalates to where smaller ones find no "
+                                     "face (default detect.CNN_MAX_SIDE, 450: turned faces "
+                                     "down to ~15 % of the photo; 900: ~8 %, ~6 s more).")
 _USE_DFF = flags.DEFINE_bool("use_dff", False, "Add the DFF loss (shipped network) to the "
                              "photometric stages; slower (see BUILD_NOTES).")
 _TEXTURE_SIZE = flags.DEFINE_integer("texture_size", 512, "Side of the UV texture (texture).")
@@ -97,7 +101,7 @@ def main(argv):
   rec = reconstructor_lib.Reconstructor(
       regressor=regressor, landmarks=_LANDMARKS.value, detector=_DETECTOR.value,
       refine_steps=_REFINE.value, batch_size=_BATCH.value, min_score=_MIN_SCORE.value,
-      upsample=_UPSAMPLE.value, dff_fn=dff_fn,
+      upsample=_UPSAMPLE.value, cnn_max_side=_CNN_MAX_SIDE.value, dff_fn=dff_fn,
       fit_config=fitting.FitConfig(image_size=_SIZE.value, photo_steps=_PHOTO_STEPS.value,
                                    contour=_CONTOUR.value))
   config = job.JobConfig(output_dir=_OUTPUT_DIR.value, kinds=kinds, overwrite=_OVERWRITE.value,

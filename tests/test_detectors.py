@@ -136,6 +136,62 @@ def test_auto_finds_a_profile_that_hog_misses():
   assert np.all(c > gt_box[:2]) and np.all(c < gt_box[2:])
 
 
+def _record_cnn(monkeypatch, found_at=None):
+  """Replace the CNN by a stub that records the copy sides it is run at and finds one face
+  only on copies of longer side >= found_at (never when None)."""
+  sides = []
+
+  def fake(img, upsample, min_score, max_side):
+    sides.append(max_side)
+    hit = found_at is not None and max_side >= found_at
+    return [_box([10, 10, 60, 60], 0.9, "cnn")] if hit else []
+
+  monkeypatch.setattr(detect, "_cnn_boxes", fake)
+  monkeypatch.setattr(detect, "_hog_boxes", lambda *a: [])
+  return sides
+
+
+@pytest.mark.parametrize("detector", ["cnn", "auto", "both"])
+def test_cnn_copies_double_until_a_face_is_found(monkeypatch, detector):
+  photo = np.zeros((1080, 1920, 3), np.uint8)
+  sides = _record_cnn(monkeypatch, found_at=450)
+  assert len(detect.detect_boxes(photo, detector)) == 1
+  assert sides == [detect.CNN_FIRST_SIDE, 450]  # stops at the first copy that finds a face
+  sides = _record_cnn(monkeypatch)
+  assert detect.detect_boxes(photo, detector) == []
+  assert sides == [225, detect.CNN_MAX_SIDE]  # nothing found: up to CNN_MAX_SIDE only
+  sides = _record_cnn(monkeypatch)
+  detect.detect_boxes(photo, detector, cnn_max_side=900)
+  assert sides == [225, 450, 900]
+  sides = _record_cnn(monkeypatch)
+  detect.detect_boxes(photo, detector, cnn_max_side=900, max_side=640)  # bounded by max_side
+  assert sides == [225, 450, 640]
+  sides = _record_cnn(monkeypatch)
+  detect.detect_boxes(np.zeros((300, 200, 3), np.uint8), detector, cnn_max_side=900)
+  assert sides == [225, 450]  # the second copy is the image itself: no larger one is tried
+  sides = _record_cnn(monkeypatch)
+  detect.detect_boxes(photo, detector, cnn_first_side=300, cnn_max_side=300)
+  assert sides == [300]
+
+
+def test_auto_finds_a_turned_face_in_a_large_photo():
+  """A profile at 1.8x its 450-px AFLW2000-3D size (rectangle ~300 px) in a 1920 x 1080 photo
+  is too small for the CNN's first copy (225 px) and found on the next (450 px)."""
+  image, gt_box = _sample(PROFILE)
+  from PIL import Image
+  h, w = image.shape[:2]
+  big = Image.fromarray((image * 255).astype(np.uint8)).resize((int(w * 1.8), int(h * 1.8)))
+  rng = np.random.default_rng(0)
+  noise = rng.integers(70, 180, (135, 240, 3), dtype=np.uint8)
+  photo = np.array(Image.fromarray(noise).resize((1920, 1080), Image.BICUBIC))
+  x0, y0 = 900, (1080 - big.size[1]) // 2
+  photo[y0:y0 + big.size[1], x0:x0 + big.size[0]] = np.asarray(big)
+  gt = gt_box * 1.8 + np.array([x0, y0, x0, y0])
+  assert not _matches(detect.detect_boxes(photo, cnn_max_side=detect.CNN_FIRST_SIDE), gt)
+  found = _matches(detect.detect_boxes(photo), gt)  # "auto", copies up to CNN_MAX_SIDE
+  assert len(found) == 1 and found[0].source == "cnn"
+
+
 def test_frontal_face_hog_cnn_both():
   image, gt_box = _sample(FRONTAL)
   hog = detect.detect_boxes(image, detector="hog")
