@@ -59,6 +59,8 @@ class TrainConfig:
   flip_prob: float = 0.5
   max_rotation_deg: float = 30.0
   colour_range: tuple = (0.7, 1.3)
+  box_scale_jitter: float = 0.0    # not the paper's: re-framed crops (augment.jitter_box)
+  box_shift_jitter: float = 0.0
   data: str = "synthetic"          # "synthetic", "aflw" (real crops) or TFDS dataset dirs
   synthetic_train: int = 20000
   synthetic_val: int = 256
@@ -317,7 +319,9 @@ def make_pipelines(config: TrainConfig, train_source, val_source, shard_index: i
   from dff3d.data import augment, pipeline
   aug = augment.AugmentConfig(flip_prob=config.flip_prob,
                               max_rotation_deg=config.max_rotation_deg,
-                              colour_range=tuple(config.colour_range))
+                              colour_range=tuple(config.colour_range),
+                              box_scale_jitter=config.box_scale_jitter,
+                              box_shift_jitter=config.box_shift_jitter)
   train = pipeline.InputPipeline(train_source, pipeline.PipelineConfig(
       batch_size=config.batch_size, image_size=config.image_size, augment=aug,
       seed=config.seed, num_threads=2, prefetch=4 * config.batch_size,

@@ -214,3 +214,48 @@ def test_transform_rotation_follows_the_augmented_landmarks():
     np.testing.assert_allclose(normalised(landmarks(moved, 96)), normalised(out["landmarks"]),
                                atol=1e-3)
   assert 0 < flips < 8  # both branches ran
+
+
+def test_jitter_box_scale_and_shift_ranges():
+  box = np.array([10.0, 20.0, 110.0, 220.0])  # 100 x 200
+  rng = np.random.default_rng(0)
+  out = np.stack([augment.jitter_box(box, rng, 0.1, 0.05) for _ in range(4000)])
+  ratio = (out[:, 2:] - out[:, :2]) / [100.0, 200.0]
+  np.testing.assert_allclose(ratio[:, 0], ratio[:, 1], rtol=1e-5)  # one factor for both
+  assert 0.9 <= ratio.min() < 0.902 and 1.098 < ratio.max() <= 1.1
+  shift = ((out[:, :2] + out[:, 2:]) / 2 - [60.0, 120.0]) / [100.0, 200.0]
+  assert np.all(np.abs(shift) <= 0.05 + 1e-6) and np.all(np.abs(shift).max(0) > 0.049)
+  assert abs(shift.mean()) < 0.003 and abs(ratio.mean() - 1) < 0.003
+  np.testing.assert_allclose(augment.jitter_box(box, rng, 0.0, 0.0), box)
+
+
+def test_augmented_crop_box_jitter_reframes_and_keeps_points_on_the_image():
+  rng = np.random.default_rng(11)
+  pts = face_points(rng, (60.0, 50.0), 20.0)
+  img = blob_image(100, 120, pts[[30, 36, 8]], sigma=2.0)
+  kw = dict(flip_prob=0.5, max_rotation_deg=20.0, colour_range=(0.8, 1.2))
+  # off (the default): exactly the draws and crops of before
+  a = augment.augmented_crop(img, pts, None, np.random.default_rng(3), 64,
+                             augment.AugmentConfig(**kw))
+  b = augment.augmented_crop(img, pts, None, np.random.default_rng(3), 64,
+                             augment.AugmentConfig(**kw, box_scale_jitter=0.0))
+  np.testing.assert_array_equal(a["image"], b["image"])
+  jit = augment.AugmentConfig(flip_prob=0.0, max_rotation_deg=20.0, colour_range=None,
+                              box_scale_jitter=0.15, box_shift_jitter=0.1)
+  sides, centres, checked = [], [], 0
+  for seed in range(40):
+    out = augment.augmented_crop(img, pts, None, np.random.default_rng(seed), 64, jit)
+    p = out["landmarks"]
+    np.testing.assert_allclose(p, augment.transform_points(out["affine"], pts), atol=1e-3)
+    for k, idx in enumerate([30, 36, 8]):  # each dot still sits on its landmark (unless
+      if np.all(p[idx] > 7) and np.all(p[idx] < 57):  # the re-framed crop cuts the dot)
+        np.testing.assert_allclose(centroid(out["image"][..., k]), p[idx], atol=0.15)
+        checked += 1
+    sides.append(np.sqrt(np.mean(np.sum(np.square(p - p.mean(0)), -1))))  # any rotation
+    centres.append(p.mean(0))
+  q = augment.crop_to_landmarks(img, pts, 64)[1]
+  sides = np.array(sides) / np.sqrt(np.mean(np.sum(np.square(q - q.mean(0)), -1)))
+  # the face's size in the crop varies with the box (1 / U(0.85, 1.15)), and its place
+  assert sides.min() < 0.93 and sides.max() > 1.07 and sides.max() < 1 / 0.85 + 0.01
+  assert np.ptp(np.array(centres), 0).min() > 5
+  assert checked > 80

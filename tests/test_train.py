@@ -267,3 +267,12 @@ def test_train_step_accumulates_each_points_error_and_end_epoch_averages_it(sour
   expect = np.where(want_count > 0, want_sum / np.maximum(want_count, 1), 1.0)
   np.testing.assert_allclose(np.asarray(done.point_error), expect, rtol=2e-4, atol=1e-6)
   assert not np.asarray(done.error_sum).any() and not np.asarray(done.error_count).any()
+
+
+def test_box_jitter_reaches_the_training_crops_only(sources):
+  cfg = landmark_only_config().replace(box_scale_jitter=0.12, box_shift_jitter=0.06)
+  train_pipe, val_pipe = train.make_pipelines(cfg, *sources)
+  assert (train_pipe.config.augment.box_scale_jitter,
+          train_pipe.config.augment.box_shift_jitter) == (0.12, 0.06)
+  assert val_pipe.config.augment is None or val_pipe.config.augment.box_scale_jitter == 0
+  assert train.config_from_json(train.config_to_json(cfg)) == cfg

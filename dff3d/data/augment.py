@@ -277,11 +277,36 @@ class AugmentConfig:
   flip_prob: probability of a horizontal flip (0: never). Needs the 68 iBUG landmarks.
   max_rotation_deg: rotation uniform in [-max, max] about the crop centre (0: none).
   colour_range: (low, high) of the per-channel factor, or None for no colour change.
+  box_scale_jitter, box_shift_jitter: not the paper's (0, its default, is off): the crop box
+    scaled by U(1 - a, 1 + a) and its centre moved by U(-b, b) of its width and height
+    (jitter_box), so that the network sees faces framed as a detector or its own re-crop
+    frames them, not only exactly at the labels' box.
   """
 
   flip_prob: float = 0.5
   max_rotation_deg: float = 30.0
   colour_range: tuple | None = (0.7, 1.3)
+  box_scale_jitter: float = 0.0
+  box_shift_jitter: float = 0.0
+
+
+def jitter_box(box, rng: np.random.Generator, scale: float, shift: float) -> np.ndarray:
+  """A randomly re-framed crop box.
+
+  Args:
+    box: (4,) x0, y0, x1, y1 pixels.
+    rng: numpy Generator (draw order: scale, then the x and y shifts).
+    scale: the box's sides are multiplied by one factor U(1 - scale, 1 + scale).
+    shift: its centre moves by U(-shift, shift) of its width along x and of its height
+      along y.
+  Returns:
+    (4,) float32 x0, y0, x1, y1.
+  """
+  box = np.asarray(box, np.float64)
+  half = (box[2:] - box[:2]) / 2
+  centre = (box[:2] + box[2:]) / 2 + rng.uniform(-shift, shift, 2) * 2 * half
+  half = half * rng.uniform(1 - scale, 1 + scale)
+  return np.concatenate([centre - half, centre + half]).astype(np.float32)
 
 
 NO_AUGMENT = AugmentConfig(flip_prob=0.0, max_rotation_deg=0.0, colour_range=None)
@@ -297,7 +322,7 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
   Args:
     image: (H, W, 3) uint8 or float in [0, 1].
     landmarks: (K, 2) pixels; visible: (K,) bool (label present), used for the crop box.
-    rng: numpy Generator (draw order: flip, angle, colours).
+    rng: numpy Generator (draw order: flip, angle, box jitter when on, colours).
     size: crop side S.
     flip_permutation: (K,) int order of the points of a mirrored face (the landmark set's,
       dff3d.landmark_sets); None: the iBUG-68 permutation (then K must be 68 to flip).
@@ -317,6 +342,8 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
   do_flip = config.flip_prob > 0 and rng.uniform() < config.flip_prob
   angle = (rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
            if config.max_rotation_deg > 0 else 0.0)
+  if config.box_scale_jitter > 0 or config.box_shift_jitter > 0:
+    box = jitter_box(box, rng, config.box_scale_jitter, config.box_shift_jitter)
   if flip_permutation is None:
     if do_flip and len(pts) != landmarks_lib.NUM_LANDMARKS:
       raise ValueError(f"flip augmentation needs a flip permutation for {len(pts)} points "
