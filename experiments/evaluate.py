@@ -42,6 +42,7 @@ from dff3d import metrics
 from dff3d import morphable_model as mm
 from dff3d import reconstruction
 from dff3d import render as render_lib
+from dff3d.data import augment
 from dff3d.datasets import aflw2000_3d, aflw_lfpa
 
 _DATASET = flags.DEFINE_enum("dataset", "aflw2000_3d", ["aflw2000_3d", "aflw_lfpa"], "Dataset.")
@@ -64,6 +65,10 @@ _DETECTOR = flags.DEFINE_enum("detector", "auto", ["auto", "cnn", "hog", "both"]
                               "--face_box=detector and --landmarks=detector (detect.py).")
 _REFINE = flags.DEFINE_integer("refine_steps", 0, "With --checkpoint: photometric refinement "
                                "steps after the regressor (as experiments.reconstruct).")
+_PASSES = flags.DEFINE_integer("passes", 1, "With --checkpoint and --face_box=ground_truth: 1 "
+                               "regresses the ground-truth crop; 2 re-crops at that pass's "
+                               "68 landmarks and regresses again (the detector box always "
+                               "takes 2 passes).")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
 _DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) ground-truth "
                                 "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
@@ -174,7 +179,8 @@ def table(results):
 
 def summary(result):
   """The line printed under the table: images, failures, face box and faces not found."""
-  box = f"face box: {result['face_box']}; " if result["face_box"] else ""
+  passes = f", {result['passes']} passes" if result.get("passes") else ""
+  box = f"face box: {result['face_box']}{passes}; " if result["face_box"] else ""
   return (f"{result['num_images']} images, {result['failures']} failures ({box}"
           f"{result['faces_not_found']} faces not found)")
 
@@ -203,17 +209,22 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
-             face_box="ground_truth", detector="auto"):
+             face_box="ground_truth", detector="auto", passes=1):
   """Figures dict (see module doc) for a dataset folder.
 
   checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
   train.load_regressor; its regressor's image_size replaces config.image_size.
   face_box: with a checkpoint, "ground_truth" or "detector" (see module doc).
   detector: detect.detect_boxes's detector for face_box="detector" / landmarks="detector".
+  passes: with a checkpoint and face_box="ground_truth", 1 (the ground-truth crop) or 2 (then
+    reconstruction.regress_from_boxes from that crop's box: re-crop at pass 1's landmarks).
   """
   if face_box == "detector" and not checkpoint:
     raise ValueError("--face_box=detector needs --checkpoint (the per-image fit takes its "
                      "landmarks from --landmarks)")
+  if passes not in (1, 2) or (passes == 2 and (not checkpoint or face_box != "ground_truth")):
+    raise ValueError(f"--passes={passes}: 1, or 2 with --checkpoint and "
+                     "--face_box=ground_truth")
   if dataset == "aflw_lfpa":
     if not lfpa_vertices:
       raise ValueError("AFLW-LFPA needs --lfpa_vertices (a .npy of 34 model vertex ids)")
@@ -238,13 +249,17 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     kept_paths.append(path)
   if checkpoint and face_box == "detector":
     out = reconstruction.regress_from_boxes(model, faces, config, regressor, batch_size)
+  elif passes == 2:
+    boxed = [(image, augment.face_box(pts, image_shape=image.shape)) for image, pts in faces]
+    out = reconstruction.regress_from_boxes(model, boxed, config, regressor, batch_size)
   else:
     out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor)
   yaw = np.array([lab["yaw_deg"] for lab in kept], np.float64)
   result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures,
             "face_box": face_box if checkpoint else None, "faces_not_found": not_found,
             "detector": detector if (face_box == "detector" or not checkpoint) else None,
-            "refine_steps": config.photo_steps if checkpoint else None}
+            "refine_steps": config.photo_steps if checkpoint else None,
+            "passes": (2 if face_box == "detector" else passes) if checkpoint else None}
   if dataset == "aflw2000_3d":
     pred = np.stack([f.landmarks_2d for f in out]) if out else np.zeros((0, 68, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 68, 2))
@@ -296,7 +311,7 @@ def main(argv):
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
                       _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value,
-                      _DETECTOR.value)
+                      _DETECTOR.value, _PASSES.value)
   except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":

@@ -189,6 +189,28 @@ def test_detector_face_box_two_passes_and_faces_not_found(aflw_dir, stub, monkey
                              atol=1e-3)
 
 
+def test_ground_truth_box_second_pass_recrops_at_the_first_passs_landmarks(aflw_dir, stub):
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="ckpt", passes=2)
+  assert res["passes"] == 2 and res["num_images"] == 3 and "2 passes" in evaluate.summary(res)
+  first, second = stub.calls
+  s = STUB_SIZE
+  image = io.read_image(aflw_dir / "image00002.jpg")
+  crop, _, a1 = augment.crop_to_landmarks(image, _gt_points(aflw_dir, 2), s)
+  np.testing.assert_allclose(first[2], crop, atol=1e-5)  # pass 1: the one-pass crop
+  c = coeffs_lib.split(stub.vector[None], mm.default_model().sizes)
+  _, screen, _ = render_lib.camera_vertices(mm.default_model(), c, (s, s))
+  in_crop = np.asarray(screen[0])[np.asarray(mm.default_model().landmarks), :2]
+  in_photo = (in_crop - a1[:, 2]) / a1[0, 0]
+  np.testing.assert_allclose(second[2], augment.crop_to_landmarks(image, in_photo, s)[0],
+                             atol=1e-3)
+  one = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="ckpt")
+  assert one["passes"] == 1 and one["per_image_nme"] != res["per_image_nme"]
+  with pytest.raises(ValueError, match="--passes=2"):
+    evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG, 4, passes=2)
+
+
 def test_detector_face_box_needs_a_checkpoint(aflw_dir):
   with pytest.raises(ValueError, match="needs --checkpoint"):
     evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG, 4,
