@@ -179,7 +179,8 @@ def table(results):
 
 def summary(result):
   """The line printed under the table: images, failures, face box and faces not found."""
-  passes = f", {result['passes']} passes" if result.get("passes") else ""
+  n = result.get("passes")
+  passes = f", {n} pass{'es' if n > 1 else ''}" if n else ""
   box = f"face box: {result['face_box']}{passes}; " if result["face_box"] else ""
   return (f"{result['num_images']} images, {result['failures']} failures ({box}"
           f"{result['faces_not_found']} faces not found)")
