@@ -421,8 +421,7 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
   img = _to_uint8(image)
   cnn_up = 0 if upsample is None else int(upsample)
   cnn_side = min(int(max_side), int(cnn_max_side))
-  cnn = lambda: _cnn_escalating(img, cnn_up, cnn_min, min(int(cnn_first_side), cnn_side),
-                                cnn_side)
+  cnn = lambda: _cnn_escalating(img, cnn_up, cnn_min, int(cnn_first_side), cnn_side)
   if detector == "cnn":
     return nms(cnn(), nms_iou)
   if upsample is None:  # coarse first (a quarter of the pixels); finer only if it finds none

@@ -177,16 +177,10 @@ def test_cnn_copies_double_until_a_face_is_found(monkeypatch, detector):
 def test_auto_finds_a_turned_face_in_a_large_photo():
   """A profile at 1.8x its 450-px AFLW2000-3D size (rectangle ~300 px) in a 1920 x 1080 photo
   is too small for the CNN's first copy (225 px) and found on the next (450 px)."""
+  from benchmarks import detectors as bench  # the benchmark's --paste photos
   image, gt_box = _sample(PROFILE)
-  from PIL import Image
-  h, w = image.shape[:2]
-  big = Image.fromarray((image * 255).astype(np.uint8)).resize((int(w * 1.8), int(h * 1.8)))
-  rng = np.random.default_rng(0)
-  noise = rng.integers(70, 180, (135, 240, 3), dtype=np.uint8)
-  photo = np.array(Image.fromarray(noise).resize((1920, 1080), Image.BICUBIC))
-  x0, y0 = 900, (1080 - big.size[1]) // 2
-  photo[y0:y0 + big.size[1], x0:x0 + big.size[0]] = np.asarray(big)
-  gt = gt_box * 1.8 + np.array([x0, y0, x0, y0])
+  photo, corners = bench.paste(image, gt_box.reshape(2, 2), 1.8, np.random.default_rng(0))
+  gt = corners.reshape(4)
   assert not _matches(detect.detect_boxes(photo, cnn_max_side=detect.CNN_FIRST_SIDE), gt)
   found = _matches(detect.detect_boxes(photo), gt)  # "auto", copies up to CNN_MAX_SIDE
   assert len(found) == 1 and found[0].source == "cnn"
