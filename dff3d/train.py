@@ -61,6 +61,7 @@ class TrainConfig:
   colour_range: tuple = (0.7, 1.3)
   box_scale_jitter: float = 0.0    # not the paper's: re-framed crops (augment.jitter_box)
   box_shift_jitter: float = 0.0
+  box_jitter_prob: float = 1.0     # share of examples jittered (augment.AugmentConfig)
   data: str = "synthetic"          # "synthetic", "aflw" (real crops) or TFDS dataset dirs
   synthetic_train: int = 20000
   synthetic_val: int = 256
@@ -321,7 +322,8 @@ def make_pipelines(config: TrainConfig, train_source, val_source, shard_index: i
                               max_rotation_deg=config.max_rotation_deg,
                               colour_range=tuple(config.colour_range),
                               box_scale_jitter=config.box_scale_jitter,
-                              box_shift_jitter=config.box_shift_jitter)
+                              box_shift_jitter=config.box_shift_jitter,
+                              box_jitter_prob=config.box_jitter_prob)
   train = pipeline.InputPipeline(train_source, pipeline.PipelineConfig(
       batch_size=config.batch_size, image_size=config.image_size, augment=aug,
       seed=config.seed, num_threads=2, prefetch=4 * config.batch_size,

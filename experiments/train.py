@@ -60,6 +60,8 @@ _SCALE_JITTER = flags.DEFINE_float("box_scale_jitter", None, "Override: crop box
                                     "U(1 - a, 1 + a) (not the paper's; augment.jitter_box).")
 _SHIFT_JITTER = flags.DEFINE_float("box_shift_jitter", None, "Override: crop box centre moved "
                                     "by U(-b, b) of its sides (not the paper's).")
+_JITTER_PROB = flags.DEFINE_float("box_jitter_prob", None, "Override: share of examples "
+                                   "whose crop box is jittered (1: all).")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -84,7 +86,8 @@ def main(argv):
                "synthetic_mix": _MIX.value, "dev_dir": _DEV.value, "decay_epoch": _DECAY.value,
                "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value,
                "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value,
-               "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value}
+               "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value,
+               "box_jitter_prob": _JITTER_PROB.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if _WEIGHTS.value:
     try:

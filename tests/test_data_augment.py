@@ -259,3 +259,26 @@ def test_augmented_crop_box_jitter_reframes_and_keeps_points_on_the_image():
   assert sides.min() < 0.93 and sides.max() > 1.07 and sides.max() < 1 / 0.85 + 0.01
   assert np.ptp(np.array(centres), 0).min() > 5
   assert checked > 80
+
+
+def test_box_jitter_prob_jitters_that_share_of_crops_and_one_keeps_the_old_draws():
+  rng = np.random.default_rng(5)
+  pts = face_points(rng, (60.0, 50.0), 20.0)
+  img = blob_image(100, 120, pts[[30, 36, 8]], sigma=2.0)
+  plain = augment.AugmentConfig(flip_prob=0.0, max_rotation_deg=0.0, colour_range=None)
+  ref = augment.augmented_crop(img, pts, None, np.random.default_rng(0), 64, plain)["affine"]
+  jit = dict(flip_prob=0.0, max_rotation_deg=0.0, colour_range=None, box_scale_jitter=0.15,
+             box_shift_jitter=0.1)
+  def moved(prob, seed):
+    cfg = augment.AugmentConfig(**jit, box_jitter_prob=prob)
+    a = augment.augmented_crop(img, pts, None, np.random.default_rng(seed), 64, cfg)["affine"]
+    return not np.allclose(a, ref, atol=1e-5)
+  share = np.mean([moved(0.3, seed) for seed in range(400)])
+  assert 0.23 < share < 0.37
+  assert not any(moved(0.0, seed) for seed in range(20))
+  for seed in range(5):  # prob 1 (the default): the same draws as before the option existed
+    a = augment.augmented_crop(img, pts, None, np.random.default_rng(seed), 64,
+                               augment.AugmentConfig(**jit))
+    b = augment.augmented_crop(img, pts, None, np.random.default_rng(seed), 64,
+                               augment.AugmentConfig(**jit, box_jitter_prob=1.0))
+    np.testing.assert_array_equal(a["affine"], b["affine"])

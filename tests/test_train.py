@@ -270,9 +270,11 @@ def test_train_step_accumulates_each_points_error_and_end_epoch_averages_it(sour
 
 
 def test_box_jitter_reaches_the_training_crops_only(sources):
-  cfg = landmark_only_config().replace(box_scale_jitter=0.12, box_shift_jitter=0.06)
+  cfg = landmark_only_config().replace(box_scale_jitter=0.12, box_shift_jitter=0.06,
+                                       box_jitter_prob=0.5)
   train_pipe, val_pipe = train.make_pipelines(cfg, *sources)
   assert (train_pipe.config.augment.box_scale_jitter,
-          train_pipe.config.augment.box_shift_jitter) == (0.12, 0.06)
+          train_pipe.config.augment.box_shift_jitter,
+          train_pipe.config.augment.box_jitter_prob) == (0.12, 0.06, 0.5)
   assert val_pipe.config.augment is None or val_pipe.config.augment.box_scale_jitter == 0
   assert train.config_from_json(train.config_to_json(cfg)) == cfg

@@ -281,6 +281,8 @@ class AugmentConfig:
     scaled by U(1 - a, 1 + a) and its centre moved by U(-b, b) of its width and height
     (jitter_box), so that the network sees faces framed as a detector or its own re-crop
     frames them, not only exactly at the labels' box.
+  box_jitter_prob: the share of examples whose box is jittered when a jitter is on (1: all;
+    below 1 the rest keep the labels' box, so that both framings are trained).
   """
 
   flip_prob: float = 0.5
@@ -288,6 +290,7 @@ class AugmentConfig:
   colour_range: tuple | None = (0.7, 1.3)
   box_scale_jitter: float = 0.0
   box_shift_jitter: float = 0.0
+  box_jitter_prob: float = 1.0
 
 
 def jitter_box(box, rng: np.random.Generator, scale: float, shift: float) -> np.ndarray:
@@ -309,6 +312,16 @@ def jitter_box(box, rng: np.random.Generator, scale: float, shift: float) -> np.
   return np.concatenate([centre - half, centre + half]).astype(np.float32)
 
 
+def _jitter_drawn(config: AugmentConfig, rng: np.random.Generator) -> bool:
+  """Whether this example's box is jittered (one extra draw only when 0 < prob < 1, so a
+  jitter on every example draws as before)."""
+  if not (config.box_scale_jitter > 0 or config.box_shift_jitter > 0):
+    return False
+  if config.box_jitter_prob >= 1:
+    return True
+  return config.box_jitter_prob > 0 and rng.uniform() < config.box_jitter_prob
+
+
 NO_AUGMENT = AugmentConfig(flip_prob=0.0, max_rotation_deg=0.0, colour_range=None)
 
 
@@ -322,7 +335,8 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
   Args:
     image: (H, W, 3) uint8 or float in [0, 1].
     landmarks: (K, 2) pixels; visible: (K,) bool (label present), used for the crop box.
-    rng: numpy Generator (draw order: flip, angle, box jitter when on, colours).
+    rng: numpy Generator (draw order: flip, angle, box jitter when on (its share's draw
+      first when 0 < box_jitter_prob < 1), colours).
     size: crop side S.
     flip_permutation: (K,) int order of the points of a mirrored face (the landmark set's,
       dff3d.landmark_sets); None: the iBUG-68 permutation (then K must be 68 to flip).
@@ -342,7 +356,7 @@ def augmented_crop(image, landmarks, visible, rng: np.random.Generator, size: in
   do_flip = config.flip_prob > 0 and rng.uniform() < config.flip_prob
   angle = (rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
            if config.max_rotation_deg > 0 else 0.0)
-  if config.box_scale_jitter > 0 or config.box_shift_jitter > 0:
+  if _jitter_drawn(config, rng):
     box = jitter_box(box, rng, config.box_scale_jitter, config.box_shift_jitter)
   if flip_permutation is None:
     if do_flip and len(pts) != landmarks_lib.NUM_LANDMARKS:
