@@ -89,6 +89,8 @@ def main(argv):
                "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value,
                "box_jitter_prob": _JITTER_PROB.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+  if not 0.0 <= config.box_jitter_prob <= 1.0:
+    raise app.UsageError(f"--box_jitter_prob: {config.box_jitter_prob} is not in [0, 1]")
   if _WEIGHTS.value:
     try:
       config = config.replace(weights=train.parse_weights(config.weights, _WEIGHTS.value))

@@ -278,3 +278,16 @@ def test_box_jitter_reaches_the_training_crops_only(sources):
           train_pipe.config.augment.box_jitter_prob) == (0.12, 0.06, 0.5)
   assert val_pipe.config.augment is None or val_pipe.config.augment.box_scale_jitter == 0
   assert train.config_from_json(train.config_to_json(cfg)) == cfg
+
+
+def test_launcher_rejects_a_jitter_share_outside_0_1_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'w'}",
+       "--box_jitter_prob=1.5"], capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode != 0
+  assert "--box_jitter_prob: 1.5 is not in [0, 1]" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
