@@ -578,9 +578,40 @@ def visible_triangles(screen_vertices, triangles, image_size: Tuple[int, int], *
     return jnp.full((b, height, width), -1, jnp.int32)
   screen_vertices = jax.lax.stop_gradient(screen_vertices).astype(jnp.float32)
   triangles = jnp.asarray(triangles, jnp.int32)
-  one = lambda sv: _visible_batch(sv[None], triangles, height, width, cull_backfaces,
-                                  near)[0]
-  return jax.lax.map(one, screen_vertices)
+  return _per_image_zbuffer(height, width, cull_backfaces, near)(screen_vertices, triangles)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_image_zbuffer(height, width, cull_backfaces, near):
+  """`(screen_vertices (B, N, 3), triangles (T, 3)) -> (B, H, W)` ids, one image at a time.
+
+  Under `jax.vmap` the mapped axis is folded into the image axis, so each image still runs
+  the unbatched code. Without this rule vmap turns the z-buffer's conditionals (`_once`, the
+  block loop's phase switch) into selects on both branches; XLA then recomputes 1/depth in
+  separately compiled kernels, and the id pass's exact equality with the z-buffer fails on
+  some pixels (seen on an Intel host with `JAX_DISABLE_MOST_OPTIMIZATIONS=1`).
+  """
+  def run(screen_vertices, triangles):
+    one = lambda sv: _visible_batch(sv[None], triangles, height, width, cull_backfaces,
+                                    near)[0]
+    return jax.lax.map(one, screen_vertices)
+
+  zbuffer = jax.custom_batching.custom_vmap(run)
+
+  @zbuffer.def_vmap
+  def _rule(axis_size, in_batched, screen_vertices, triangles):
+    sv_batched, tri_batched = in_batched
+    if not tri_batched:
+      if not sv_batched:
+        screen_vertices = jnp.broadcast_to(screen_vertices, (axis_size,) + screen_vertices.shape)
+      v, b = screen_vertices.shape[:2]
+      ids = zbuffer(screen_vertices.reshape((v * b,) + screen_vertices.shape[2:]), triangles)
+      return ids.reshape((v, b) + ids.shape[1:]), True
+    if not sv_batched:
+      screen_vertices = jnp.broadcast_to(screen_vertices, (axis_size,) + screen_vertices.shape)
+    return jax.lax.map(lambda a: zbuffer(*a), (screen_vertices, triangles)), True
+
+  return zbuffer
 
 
 # ----------------------------------------------------------------------------------------------
