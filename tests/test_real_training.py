@@ -225,6 +225,32 @@ def test_parse_weights():
     train.parse_weights(w, ["phot=1"])
 
 
+def test_ablation_rows_differ_only_in_their_terms_and_share_the_rest():
+  from experiments import ablate
+  shared = dict(init_params="shipped", learning_rate=3e-5, decayed_learning_rate=None,
+                decay_epoch=1, land_error_start_epoch=0, aflw_pose_balance=True,
+                box_scale_jitter=0.15, box_shift_jitter=0.12, box_jitter_prob=0.5)
+  rows = {name: ablate.row_config(name, 0, 1, "p.npz", base_weights=["pose=100"], **shared)
+          for name in ablate.ROWS}
+  for cfg in rows.values():
+    assert (cfg.init_params, cfg.learning_rate, cfg.decay_epoch, cfg.land_error_start_epoch,
+            cfg.aflw_pose_balance, cfg.box_jitter_prob, cfg.weights.pose) == (
+                "shipped", 3e-5, 1, 0, True, 0.5, 100)
+    assert cfg.decayed_learning_rate == configs.get_config("real").decayed_learning_rate
+  w = {name: cfg.weights for name, cfg in rows.items()}
+  assert w["land"].photo == w["land"].dff == w["land"].land_error == 0
+  assert w["photo"].photo > 0 and w["photo"].dff == 0
+  assert w["dff"].dff > 0 and w["dff"].land_error == 0 and w["land_error"].land_error > 0
+  assert rows["land_seed1"].seed == rows["land"].seed + 1
+  assert rows["land_seed1"].replace(seed=rows["land"].seed) == rows["land"]
+  assert rows["pts21"].aflw_labels == "pts21" and rows["land"].aflw_labels == "pseudo68"
+  # Defaults: from scratch, decay and L_land_error after half the epochs.
+  cfg = ablate.row_config("land_error", 2400, 4, "p.npz")
+  assert (cfg.init_params, cfg.decay_epoch, cfg.land_error_start_epoch) == ("", 2, 2)
+  with pytest.raises(ValueError, match="'pos=1'"):
+    ablate.row_config("land", 0, 1, "p.npz", base_weights=["pos=1"])
+
+
 # ---- real-data sources ------------------------------------------------------------------------
 def test_aflw_sources_label_modes(tmp_path):
   names, *_ = test_aflw_3ddfa._write_layout(tmp_path)
