@@ -178,6 +178,7 @@ def _once(fn, *args):
 
 def _coordinate_planes(values):
   """(B, N, C) -> C planes of shape (B*N,)."""
+  values = jnp.asarray(values)  # a NumPy array indexed by traced ids (vmap + jvp) would fail
   b, n, c = values.shape
   return [values[..., ch].reshape(b * n) for ch in range(c)]
 

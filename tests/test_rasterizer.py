@@ -747,3 +747,10 @@ def test_vmap_over_visibility_runs_the_unbatched_z_buffer():
   for b_, m_ in zip(batched, mapped):
     assert np.abs(np.asarray(b_)).max() > 0
     np.testing.assert_allclose(np.asarray(m_)[:, 0], np.asarray(b_), rtol=1e-5, atol=1e-5)
+  # Forward mode under vmap, with NumPy attributes closed over (they are indexed by traced
+  # corner ids inside the JVP).
+  direction = rng.normal(size=sv.shape).astype(np.float32)
+  forward = lambda s, d: jax.jvp(lambda s_: loss(s_, colours[:1]), (s,), (d,))[1]
+  mapped = jax.vmap(forward)(sv[:, None], direction[:, None])
+  want = [forward(sv[i:i + 1], direction[i:i + 1]) for i in range(len(sv))]
+  np.testing.assert_allclose(np.asarray(mapped), np.asarray(want), rtol=1e-4, atol=1e-4)
