@@ -81,34 +81,40 @@ def test_resume_continues_with_the_same_losses(tmp_path, sources, straight):
 
 
 class _SignalOnLoad:
-  """A source that sends `signum` to this process when row `row` is first read (the
-  pipeline's reader threads read ahead of the loop, so the stop lands a few steps later)."""
+  """A source that sends `signum` to this process when row `row` is read for the `read`-th
+  time (once per epoch). The pipeline's reader threads prefetch a whole tiny epoch, so a row
+  of the first epoch may be read before the first step; the second epoch's readers start
+  only after the first epoch's steps, so a signal there always lands after step 4."""
 
-  def __init__(self, source, row, signum):
-    self._source, self._row, self._signum, self.sent = source, row, signum, False
+  def __init__(self, source, row, signum, read=2):
+    self._source, self._row, self._signum, self._left = source, row, signum, read
+    self.sent = False
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, i):
     if int(i) == self._row and not self.sent:
-      self.sent = True
-      os.kill(os.getpid(), self._signum)
+      self._left -= 1
+      if self._left == 0:
+        self.sent = True
+        os.kill(os.getpid(), self._signum)
     return self._source[i]
 
 
 def test_sigterm_checkpoints_where_it_stopped_and_resumes(tmp_path, sources, straight):
   import signal
-  # SIGTERM while the first epoch is read: the loop stops at the next batch, checkpoints that
-  # step (mid-epoch) and returns; a rerun resumes there with the straight run's losses.
+  # SIGTERM while the second epoch is read: the loop stops at the next batch, checkpoints that
+  # step and returns; a rerun resumes there with the straight run's losses. (The budget of
+  # 12 steps leaves room after the second epoch, so the stop always comes from the signal.)
   cfg = tiny_config()
   src = _SignalOnLoad(sources[0], row=10, signum=signal.SIGTERM)
   before = signal.getsignal(signal.SIGTERM)
-  state = train.train_and_evaluate(cfg, str(tmp_path), max_steps=8,
+  state = train.train_and_evaluate(cfg, str(tmp_path), max_steps=12,
                                    sources_override=(src, sources[1]), verbose=False)
   assert src.sent and signal.getsignal(signal.SIGTERM) is before  # handler restored
   stopped = int(state.step)
-  assert 0 < stopped < 8, stopped
+  assert 4 <= stopped <= 8, stopped
   assert train.checkpoint_manager(str(tmp_path)).latest_step() == stopped
   train.train_and_evaluate(cfg, str(tmp_path), max_steps=8, sources_override=sources,
                            verbose=False)
