@@ -602,15 +602,13 @@ def _per_image_zbuffer(height, width, cull_backfaces, near):
   @zbuffer.def_vmap
   def _rule(axis_size, in_batched, screen_vertices, triangles):
     sv_batched, tri_batched = in_batched
-    if not tri_batched:
-      if not sv_batched:
-        screen_vertices = jnp.broadcast_to(screen_vertices, (axis_size,) + screen_vertices.shape)
-      v, b = screen_vertices.shape[:2]
-      ids = zbuffer(screen_vertices.reshape((v * b,) + screen_vertices.shape[2:]), triangles)
-      return ids.reshape((v, b) + ids.shape[1:]), True
     if not sv_batched:
       screen_vertices = jnp.broadcast_to(screen_vertices, (axis_size,) + screen_vertices.shape)
-    return jax.lax.map(lambda a: zbuffer(*a), (screen_vertices, triangles)), True
+    if tri_batched:
+      return jax.lax.map(lambda a: zbuffer(*a), (screen_vertices, triangles)), True
+    v, b = screen_vertices.shape[:2]
+    ids = zbuffer(screen_vertices.reshape((v * b,) + screen_vertices.shape[2:]), triangles)
+    return ids.reshape((v, b) + ids.shape[1:]), True
 
   return zbuffer
 

@@ -53,13 +53,14 @@ _SCALE_JITTER = flags.DEFINE_float("box_scale_jitter", 0.0, "Crop box scale jitt
 _SHIFT_JITTER = flags.DEFINE_float("box_shift_jitter", 0.0, "Crop box shift jitter.")
 _JITTER_PROB = flags.DEFINE_float("box_jitter_prob", 1.0, "Share of crops jittered.")
 
-ROWS = {
-    "land": dict(photo=0.0, dff=0.0, land_error=0.0),
-    "land_seed1": dict(photo=0.0, dff=0.0, land_error=0.0),
+_LAND_ONLY = dict(photo=0.0, dff=0.0, land_error=0.0)
+ROWS = {  # each row's loss weights; land_seed1 and pts21 also change the seed / the labels
+    "land": _LAND_ONLY,
+    "land_seed1": _LAND_ONLY,
     "photo": dict(dff=0.0, land_error=0.0),
     "dff": dict(land_error=0.0),
     "land_error": dict(),
-    "pts21": dict(photo=0.0, dff=0.0, land_error=0.0),
+    "pts21": _LAND_ONLY,
 }
 
 
