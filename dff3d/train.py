@@ -36,6 +36,7 @@ from dff3d import metrics
 from dff3d import morphable_model as mm
 from dff3d import render as render_lib
 from dff3d.models import dff as dff_lib
+from dff3d.models import light
 from dff3d.models import vgg
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
   backbone: str = "vgg16"          # "vgg16" (paper) or "light"
   width: float = 1.0
   fc_width: int = 4096
+  pool: str = "mean"               # light backbone: "mean" or "flatten" (models/light.py)
   image_size: int = 224
   batch_size: int = 16
   learning_rate: float = 1e-5
@@ -107,7 +109,7 @@ class TrainState:
 def make_network(config: TrainConfig, model: mm.MorphableModel):
   """The Flax regressor of a config."""
   return vgg.make_regressor(model, config.backbone, width=config.width,
-                            fc_width=config.fc_width)
+                            fc_width=config.fc_width, pool=config.pool)
 
 
 @functools.lru_cache(maxsize=16)
@@ -498,15 +500,20 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
 
 def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   """The float32 parameters of config.init_params, checked to be this config's network
-  (backbone, width, head, crop size); ValueError / FileNotFoundError naming the source."""
+  (backbone, width, head, crop size); ValueError / FileNotFoundError naming the source.
+  A "mean"-pool source for a "flatten" config is expanded to the same function
+  (light.expand_head)."""
   params, source = read_params(config.init_params, model)
+  expand = source.pool == "mean" and config.pool == "flatten"
   if ((source.backbone, source.width, source.fc_width, source.image_size)
-      != (config.backbone, config.width, config.fc_width, config.image_size)):
+      != (config.backbone, config.width, config.fc_width, config.image_size)
+      or (source.pool != config.pool and not expand)):
     raise ValueError(
         f"{config.init_params}: a {source.backbone} x{source.width} network at "
-        f"{source.image_size} px, not this config's {config.backbone} x{config.width} at "
-        f"{config.image_size} px")
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        f"{source.image_size} px ({source.pool} pool), not this config's {config.backbone} "
+        f"x{config.width} at {config.image_size} px ({config.pool} pool)")
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return light.expand_head(params, config.image_size) if expand else params
 
 
 def init_from(state: TrainState, config: TrainConfig, model: mm.MorphableModel,

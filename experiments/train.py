@@ -62,6 +62,8 @@ _SHIFT_JITTER = flags.DEFINE_float("box_shift_jitter", None, "Override: crop box
                                     "by U(-b, b) of its sides (not the paper's).")
 _JITTER_PROB = flags.DEFINE_float("box_jitter_prob", None, "Override: share of examples "
                                    "whose crop box is jittered (1: all).")
+_POOL = flags.DEFINE_enum("pool", None, ["mean", "flatten"], "Override: the light backbone's "
+                          "pool; 'flatten' from a 'mean' --init_params keeps its function.")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -87,7 +89,7 @@ def main(argv):
                "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value,
                "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value,
                "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value,
-               "box_jitter_prob": _JITTER_PROB.value}
+               "box_jitter_prob": _JITTER_PROB.value, "pool": _POOL.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if not 0.0 <= config.box_jitter_prob <= 1.0:
     raise app.UsageError(f"--box_jitter_prob: {config.box_jitter_prob} is not in [0, 1]")

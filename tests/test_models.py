@@ -70,6 +70,39 @@ def test_light_output_shape(model):
   assert isinstance(net, light.ResNet18Regressor)
 
 
+@pytest.mark.parametrize("size,grid", [(64, 2), (96, 3), (100, 4)])
+def test_flatten_pool_sees_the_grid_and_expand_head_keeps_the_function(model, size, grid):
+  assert light.grid_size(size) == grid
+  mean_net = vgg.make_regressor(model, "light", width=0.25)
+  flat_net = vgg.make_regressor(model, "light", width=0.25, pool="flatten")
+  x = images(2, size, seed=3)
+  params = init(mean_net, x)["params"]
+  kernel = params["head"]["dense"]["kernel"]  # zero at init: give the head a real function
+  params["head"]["dense"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), kernel.shape)
+  flat_shapes = shape_init(flat_net, x)["params"]
+  assert flat_shapes["head"]["dense"]["kernel"].shape == (grid * grid * kernel.shape[0],
+                                                          kernel.shape[1])
+  expanded = light.expand_head(params, size)
+  assert expanded["stem"] is params["stem"]
+  a = np.asarray(jax.jit(mean_net.apply)({"params": params}, x))
+  b = np.asarray(jax.jit(flat_net.apply)({"params": expanded}, x))
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4 * np.abs(a).max())
+  # ... and the flattened head can tell where a feature is, which the mean cannot.
+  k = np.asarray(expanded["head"]["dense"]["kernel"]).copy()
+  k[: kernel.shape[0]] *= 3.0  # weight the top-left cell more
+  expanded["head"]["dense"]["kernel"] = jnp.asarray(k)
+  c = np.asarray(jax.jit(flat_net.apply)({"params": expanded}, x))
+  assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()
+
+
+def test_pool_option_is_checked(model):
+  with pytest.raises(ValueError, match="vgg16 backbone has no pool option"):
+    vgg.make_regressor(model, "vgg16", pool="flatten", **SMALL_VGG)
+  net = vgg.make_regressor(model, "light", width=0.25, pool="max")
+  with pytest.raises(ValueError, match="unknown pool 'max'"):
+    shape_init(net, images(1, 32))
+
+
 @pytest.mark.parametrize("backbone,kwargs", [("vgg16", SMALL_VGG), ("light", dict(width=0.25))])
 def test_untrained_regressor_predicts_zero_coefficients(model, zero_vector, backbone, kwargs):
   net = vgg.make_regressor(model, backbone, **kwargs)

@@ -192,6 +192,30 @@ def test_init_params_starts_from_saved_parameters_and_rejects_another_network(tm
     train.init_from(fresh, cfg.replace(init_params=path, width=0.25), model, tx)
 
 
+def test_init_params_from_a_mean_pool_network_to_a_flatten_one_keeps_its_function(tmp_path):
+  cfg = tiny_config()
+  model = mm.default_model()
+  net = train.make_network(cfg, model)
+  saved = net.init(jax.random.PRNGKey(7), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))
+  saved = saved["params"]
+  kernel = saved["head"]["dense"]["kernel"]
+  saved["head"]["dense"]["kernel"] = 0.01 * jax.random.normal(jax.random.PRNGKey(2),
+                                                              kernel.shape)
+  path = str(tmp_path / "mean.npz")
+  train.save_params_npz(path, saved, cfg, dtype=np.float32)
+  flat_cfg = cfg.replace(pool="flatten", init_params=path)
+  params = train.load_init_params(flat_cfg, model)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, cfg.image_size, cfg.image_size, 3))
+  a = net.apply({"params": saved}, x)
+  b = train.make_network(flat_cfg, model).apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-3)
+  flat_path = str(tmp_path / "flat.npz")
+  train.save_params_npz(flat_path, params, flat_cfg, dtype=np.float32)
+  assert train.load_params_npz(flat_path)[1].pool == "flatten"
+  with pytest.raises(ValueError, match=r"flat.npz: .*\(flatten pool\), not .*\(mean pool\)"):
+    train.load_init_params(cfg.replace(init_params=flat_path), model)
+
+
 def test_config_json_roundtrip():
   cfg = configs.get_config("paper")
   assert train.config_from_json(train.config_to_json(cfg)) == cfg

@@ -17,9 +17,13 @@ Layout (channels times `width`, rounded to a multiple of 8, at least 8):
   conv 7x7/2 64, GN, ReLU, max-pool 3x3/2 |
   stage 1: 2 basic blocks 64 | stage 2: 2 blocks 128, first stride 2 |
   stage 3: 2 blocks 256, stride 2 | stage 4: 2 blocks 512, stride 2 |
-  global average pool | head (heads.RegressorHead)
-Input: (B, H, W, 3) float32 RGB in [0, 1] (ImageNet-normalised inside); any H, W (the
-output stride is 32).
+  pool | head (heads.RegressorHead)
+Pool: "mean" (global average pool, the default: any H, W) or "flatten" (the final
+ceil(H/32) x ceil(W/32) grid flattened, so the head sees where each feature is; the input size
+is then fixed by the parameters). `expand_head` turns a "mean" network's parameters into the
+"flatten" network that computes the same function, so a trained network can be widened in
+place and fine-tuned (BUILD_NOTES, "Spatial head").
+Input: (B, H, W, 3) float32 RGB in [0, 1] (ImageNet-normalised inside); the output stride is 32.
 """
 
 from typing import Any, Optional, Sequence
@@ -31,6 +35,30 @@ from dff3d.models import heads
 
 RESNET18_STAGES = ((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2))  # (channels, blocks, stride)
 STEM_CHANNELS = 64
+POOLS = ("mean", "flatten")
+OUTPUT_STRIDE = 32
+
+
+def grid_size(image_size: int) -> int:
+  """Side of the final feature grid for a square input of image_size px (SAME padding)."""
+  side = image_size
+  for _ in range(5):  # stem, max-pool, stages 2-4
+    side = -(-side // 2)
+  return side
+
+
+def expand_head(params, image_size: int):
+  """A "mean"-pool network's params -> the "flatten" network's with the same function.
+
+  The head kernel (C, P) becomes (G * G * C, P): the mean over the G x G grid is the flat
+  (G, G, C) features times the kernel tiled G * G times and divided by G * G. Other params
+  are returned unchanged (the same arrays).
+  """
+  cells = grid_size(image_size) ** 2
+  kernel = params["head"]["dense"]["kernel"]
+  head = dict(params["head"])
+  head["dense"] = dict(head["dense"], kernel=jnp.tile(kernel, (cells, 1)) / cells)
+  return dict(params, head=head)
 
 
 def scaled(channels: int, width: float, divisor: int = 8) -> int:
@@ -81,6 +109,7 @@ class ResNet18Regressor(nn.Module):
     width: channel multiplier (1.0: 64-512 channels, 11.3 M params with P = 246).
     init_bias, output_scale: (P,) head constants (see heads.py).
     dtype: compute dtype of the backbone; params and the head stay float32.
+    pool: "mean" or "flatten" (module docstring).
   Parameter names: stem, stem_norm, stage{1..4}_block{1,2}/..., head/dense.
   """
   num_outputs: int
@@ -88,9 +117,12 @@ class ResNet18Regressor(nn.Module):
   init_bias: Optional[Sequence[float]] = None
   output_scale: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  pool: str = "mean"
 
   @nn.compact
   def __call__(self, images):
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
     x = heads.normalize_images(images.astype(jnp.float32)).astype(self.dtype)
     c = scaled(STEM_CHANNELS, self.width)
     x = nn.Conv(c, (7, 7), strides=(2, 2), padding="SAME", use_bias=False,
@@ -101,6 +133,7 @@ class ResNet18Regressor(nn.Module):
       for b in range(blocks):
         x = BasicBlock(scaled(channels, self.width), stride if b == 0 else 1, self.dtype,
                        name=f"stage{s}_block{b + 1}")(x)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = x.astype(jnp.float32)
+    x = jnp.mean(x, axis=(1, 2)) if self.pool == "mean" else x.reshape(x.shape[0], -1)
     return heads.RegressorHead(self.num_outputs, self.init_bias, self.output_scale,
                                name="head")(x)

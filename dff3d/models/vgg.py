@@ -80,7 +80,8 @@ class VGG16Regressor(nn.Module):
 
 def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width: int = 4096,
                    field_scales: Optional[Mapping[str, Any]] = None,
-                   distance: Optional[float] = None, **kwargs) -> nn.Module:
+                   distance: Optional[float] = None, pool: str = "mean",
+                   **kwargs) -> nn.Module:
   """A regressor module whose untrained output is `zero_coefficients(model, 1, distance)`.
 
   Args:
@@ -90,6 +91,7 @@ def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width:
     fc_width: fc6 / fc7 units (vgg16 only).
     field_scales: per-field output scale overrides (heads.DEFAULT_FIELD_SCALES).
     distance: camera distance of the initial pose (default camera.DEFAULT_DISTANCE).
+    pool: "mean" or "flatten" (light only; vgg16 always flattens its 7 x 7 grid into fc6).
     **kwargs: further module attributes (e.g. dtype).
   Returns:
     A Flax module: apply({'params': p}, images (B, H, W, 3) in [0, 1]) -> (B, P).
@@ -99,9 +101,11 @@ def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width:
                 init_bias=heads.as_tuple(heads.initial_bias(model, distance)),
                 output_scale=heads.as_tuple(heads.output_scale(sizes, field_scales)))
   if backbone == "vgg16":
+    if pool != "mean":
+      raise ValueError(f"pool {pool!r}: the vgg16 backbone has no pool option")
     return VGG16Regressor(width=width, fc_width=fc_width, **common, **kwargs)
   if backbone == "light":
-    return light.ResNet18Regressor(width=width, **common, **kwargs)
+    return light.ResNet18Regressor(width=width, pool=pool, **common, **kwargs)
   raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
 
 
