@@ -36,7 +36,6 @@ from dff3d.models import heads
 RESNET18_STAGES = ((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2))  # (channels, blocks, stride)
 STEM_CHANNELS = 64
 POOLS = ("mean", "flatten")
-OUTPUT_STRIDE = 32
 
 
 def grid_size(image_size: int) -> int:
