@@ -508,12 +508,11 @@ def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   if ((source.backbone, source.width, source.fc_width, source.image_size)
       != (config.backbone, config.width, config.fc_width, config.image_size)
       or (source.pool != config.pool and not expand)):
-    pools = ((f" ({source.pool} pool)", f" ({config.pool} pool)")
-             if source.pool != config.pool else ("", ""))
+    pool = lambda c: f" ({c.pool} pool)" if source.pool != config.pool else ""
     raise ValueError(
         f"{config.init_params}: a {source.backbone} x{source.width} network at "
-        f"{source.image_size} px{pools[0]}, not this config's {config.backbone} "
-        f"x{config.width} at {config.image_size} px{pools[1]}")
+        f"{source.image_size} px{pool(source)}, not this config's {config.backbone} "
+        f"x{config.width} at {config.image_size} px{pool(config)}")
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   return light.expand_head(params, config.image_size) if expand else params
 

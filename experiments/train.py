@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from dff3d import distributed
 from dff3d import morphable_model as mm
 from dff3d import train
+from dff3d.models import light
 from experiments import configs
 
 _CONFIG = flags.DEFINE_string("config", "cpu", "Config name in experiments/configs (paper, cpu, real).")
@@ -62,7 +63,7 @@ _SHIFT_JITTER = flags.DEFINE_float("box_shift_jitter", None, "Override: crop box
                                     "by U(-b, b) of its sides (not the paper's).")
 _JITTER_PROB = flags.DEFINE_float("box_jitter_prob", None, "Override: share of examples "
                                    "whose crop box is jittered (1: all).")
-_POOL = flags.DEFINE_enum("pool", None, ["mean", "flatten"], "Override: the light backbone's "
+_POOL = flags.DEFINE_enum("pool", None, list(light.POOLS), "Override: the light backbone's "
                           "pool; 'flatten' from a 'mean' --init_params keeps its function.")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 

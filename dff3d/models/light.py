@@ -41,8 +41,8 @@ POOLS = ("mean", "flatten")
 def grid_size(image_size: int) -> int:
   """Side of the final feature grid for a square input of image_size px (SAME padding)."""
   side = image_size
-  for _ in range(5):  # stem, max-pool, stages 2-4
-    side = -(-side // 2)
+  for stride in (2, 2) + tuple(s for _, _, s in RESNET18_STAGES):  # stem, max-pool, stages
+    side = -(-side // stride)
   return side
 
 
