@@ -32,21 +32,60 @@ class LossWeights:
   pose: float = 0.0
 
 
-def landmark_loss(pred, target, weights=None, image_size=224.0):
-  """L_land = sum_i w_i ||v_i - v_hat_i||^2, coordinates divided by image_size.
+LANDMARK_LOSSES = ("l2", "l1", "wing")
+# Wing loss shape (Feng et al. 2018) in units of the crop side: logarithmic below WING_WIDTH
+# (10 px at 96 px), linear above; WING_CURVATURE sets how sharply small errors are weighted.
+WING_WIDTH, WING_CURVATURE = 0.1, 0.02
+
+
+def point_penalty(dist, kind="l2"):
+  """Per-point penalty of a normalised landmark distance.
+
+  Args:
+    dist: (...) Euclidean distances divided by the crop side (>= 0).
+    kind: "l2" (the paper: dist^2), "l1" (dist itself, the quantity NME averages) or "wing"
+      (Feng et al. 2018: w ln(1 + dist / eps) below w, dist - C above, C = w - w ln(1 + w / eps),
+      which makes it continuous at w; small errors weigh far more than under l2).
+  Returns:
+    (...) penalties.
+  """
+  if kind == "l2":
+    return jnp.square(dist)
+  if kind == "l1":
+    return dist
+  if kind == "wing":
+    w, eps = WING_WIDTH, WING_CURVATURE
+    c = w - w * jnp.log1p(w / eps)
+    return jnp.where(dist < w, w * jnp.log1p(dist / eps), dist - c)
+  raise ValueError(f"landmark loss {kind!r} is not one of {LANDMARK_LOSSES}")
+
+
+def _distance(pred, target, image_size):
+  """(B, K) Euclidean distances / image_size; the square root's gradient stays finite at 0."""
+  d2 = jnp.sum(jnp.square((pred - target) / image_size), -1)
+  safe = jnp.where(d2 > 0, d2, 1.0)
+  return jnp.where(d2 > 0, jnp.sqrt(safe), 0.0)
+
+
+def landmark_loss(pred, target, weights=None, image_size=224.0, kind="l2"):
+  """L_land = sum_i w_i rho(||v_i - v_hat_i|| / S); rho = square for the paper's "l2".
 
   Args:
     pred, target: (B, 68, 2) pixels.
     weights: (68,) or (B, 68); default 1 inner / 0.5 contour (paper Fig. 2). Multiply by a
       visibility mask to drop missing ground-truth points.
     image_size: S, the crop side in pixels.
+    kind: the penalty rho (point_penalty): "l2" (paper), "l1" or "wing".
   Returns:
     scalar, mean over the batch of the per-image weighted sum.
   """
   if weights is None:
     weights = jnp.asarray(lm.landmark_weights())
-  d2 = jnp.sum(jnp.square((pred - target) / image_size), -1)  # (B, 68)
-  return jnp.mean(jnp.sum(weights * d2, -1))
+  if kind == "l2":  # the paper's term, without a square root
+    pen = jnp.sum(jnp.square((pred - target) / image_size), -1)  # (B, 68)
+  else:
+    pen = point_penalty(_distance(pred, target, image_size), kind)
+  return jnp.mean(jnp.sum(weights * pen, -1))
 
 
 def landmark_error_loss(pred, target, point_error, image_size=224.0):

@@ -56,6 +56,7 @@ class TrainConfig:
   num_epochs: int = 10
   land_error_start_epoch: int = 5  # 0-based: the paper's epoch 6
   weights: losses.LossWeights = losses.LossWeights()
+  landmark_loss: str = "l2"        # L_land / L_land_error penalty: "l2" (paper), "l1", "wing"
   use_dff: bool = True
   dff_path: str = ""               # "" -> the shipped dff3d/assets/dff.npz
   flip_prob: float = 0.5
@@ -175,8 +176,9 @@ def compute_losses(params, batch, *, net, model, table, config: TrainConfig, poi
   weights = table.weights[sets] * vis
   err_weights = point_error[sets] * table.inner[sets] * vis
   terms = {
-      "land": losses.landmark_loss(pred, target, weights, s),
-      "land_error": losses.landmark_loss(pred, target, err_weights, s) * land_error_on,
+      "land": losses.landmark_loss(pred, target, weights, s, config.landmark_loss),
+      "land_error": (losses.landmark_loss(pred, target, err_weights, s, config.landmark_loss)
+                     * land_error_on),
       "photo": (losses.photometric_loss(images, r.image, r.skin_mask) if needs_render
                 else jnp.zeros(())),
       "reg": losses.weighted_regularization(c, w),

@@ -14,6 +14,7 @@ and under SLURM / MPI the flags can be left out); --batch_size is the global bat
 from absl import app, flags, logging
 
 from dff3d import distributed
+from dff3d import losses
 from dff3d import morphable_model as mm
 from dff3d import train
 from dff3d.models import light
@@ -65,6 +66,9 @@ _JITTER_PROB = flags.DEFINE_float("box_jitter_prob", None, "Override: share of e
                                    "whose crop box is jittered (1: all).")
 _POOL = flags.DEFINE_enum("pool", None, list(light.POOLS), "Override: the light backbone's "
                           "pool; 'flatten' from a 'mean' --init_params keeps its function.")
+_LAND_LOSS = flags.DEFINE_enum("landmark_loss", None, list(losses.LANDMARK_LOSSES),
+                               "Override: L_land's penalty of each point's distance: l2 "
+                               "(paper, squared), l1 (the distance, as NME) or wing.")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -90,7 +94,8 @@ def main(argv):
                "land_error_start_epoch": _LE_START.value, "log_every_steps": _LOG_EVERY.value,
                "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value,
                "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value,
-               "box_jitter_prob": _JITTER_PROB.value, "pool": _POOL.value}
+               "box_jitter_prob": _JITTER_PROB.value, "pool": _POOL.value,
+               "landmark_loss": _LAND_LOSS.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if not 0.0 <= config.box_jitter_prob <= 1.0:
     raise app.UsageError(f"--box_jitter_prob: {config.box_jitter_prob} is not in [0, 1]")

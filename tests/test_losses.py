@@ -63,3 +63,62 @@ def test_loss_gradients_match_finite_differences():
     ren = jnp.asarray(rng.uniform(size=(1, 3, 4, 3)))
     m = jnp.asarray(rng.uniform(size=(1, 3, 4)))
     check_grads(lambda r, m: losses.photometric_loss(img, r, m), (ren, m), 1, modes=("rev",))
+
+
+def _np_penalty(d, kind):
+  """float64 NumPy reference of losses.point_penalty."""
+  if kind == "l2":
+    return d ** 2
+  if kind == "l1":
+    return d
+  w, eps = losses.WING_WIDTH, losses.WING_CURVATURE
+  c = w - w * np.log1p(w / eps)
+  return np.where(d < w, w * np.log1p(d / eps), d - c)
+
+
+def test_landmark_loss_kinds_match_a_float64_reference():
+  rng = np.random.default_rng(3)
+  pred = rng.normal(size=(3, 68, 2)) * 6.0
+  target = rng.normal(size=(3, 68, 2)) * 6.0
+  weights = rng.uniform(size=(3, 68)) * (rng.uniform(size=(3, 68)) > 0.2)
+  dist = np.linalg.norm(pred - target, axis=-1) / 96.0
+  assert (dist < losses.WING_WIDTH).any() and (dist > losses.WING_WIDTH).any()  # both branches
+  for kind in losses.LANDMARK_LOSSES:
+    ref = np.mean(np.sum(weights * _np_penalty(dist, kind), -1))
+    got = losses.landmark_loss(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+                               jnp.asarray(weights, jnp.float32), 96.0, kind)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=kind)
+  # l1 is the NME's quantity: the weighted sum of plain distances.
+  np.testing.assert_allclose(
+      losses.landmark_loss(jnp.zeros((1, 68, 2)), jnp.full((1, 68, 2), 3.0), jnp.ones(68), 1.0,
+                           "l1"), 68 * 3.0 * np.sqrt(2.0), rtol=1e-6)
+
+
+def test_wing_is_continuous_and_weighs_small_errors_more_than_l2():
+  w = losses.WING_WIDTH
+  below, above = losses.point_penalty(jnp.float32(w - 1e-6), "wing"), losses.point_penalty(
+      jnp.float32(w + 1e-6), "wing")
+  np.testing.assert_allclose(below, above, atol=1e-5)
+  slope = jax.grad(lambda d: losses.point_penalty(d, "wing"))
+  small, large = float(slope(jnp.float32(0.005))), float(slope(jnp.float32(0.3)))
+  assert small > 3.0 * large  # l2's slope grows with the error instead
+  np.testing.assert_allclose(large, 1.0)
+
+
+def test_landmark_loss_kinds_gradients_match_finite_differences_and_stay_finite_at_zero():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    pred = jnp.asarray(rng.normal(size=(1, 68, 2)))
+    target = jnp.asarray(rng.normal(size=(1, 68, 2)))
+    for kind in ("l1", "wing"):
+      check_grads(lambda p: losses.landmark_loss(p, target, image_size=3.0, kind=kind), (pred,),
+                  1, modes=("rev",))
+      g = jax.grad(lambda p: losses.landmark_loss(p, p * 0 + target, image_size=3.0,
+                                                  kind=kind))(target)
+      assert np.isfinite(np.asarray(g)).all()
+
+
+def test_unknown_landmark_loss_is_rejected():
+  import pytest
+  with pytest.raises(ValueError, match="huber"):
+    losses.point_penalty(jnp.zeros(3), "huber")

@@ -170,6 +170,32 @@ def test_land_error_ignores_hidden_points(model):
   np.testing.assert_allclose(a["land"], b["land"], rtol=1e-6)
 
 
+
+def test_config_landmark_loss_is_the_penalty_of_l_land_and_l_land_error(model):
+  cfg, net, state, table = _untrained(model)
+  rng = np.random.default_rng(2)
+  vis = (rng.uniform(size=(2, 68)) > 0.2).astype(np.float32)
+  batch = {"image": jnp.zeros((2, 32, 32, 3)),
+           "landmarks": jnp.asarray(rng.uniform(4, 28, (2, 68, 2)), jnp.float32),
+           "landmarks_visible": jnp.asarray(vis), "landmark_set": jnp.zeros((2,), jnp.int32)}
+  c = mm.zero_coefficients(model, 2)  # what the untrained network predicts
+  _, screen, _ = render_lib.camera_vertices(model, c, (32, 32))
+  pred = ls.points(screen, table, batch["landmark_set"])[..., :2]
+  w = table.weights[batch["landmark_set"]] * batch["landmarks_visible"]
+  inner = w / jnp.maximum(w, 1e-9) * table.inner[batch["landmark_set"]]
+  got = {}
+  for kind in train.losses.LANDMARK_LOSSES:
+    aux = train.compute_losses(state.params, batch, net=net, model=model, table=table,
+                               config=cfg.replace(landmark_loss=kind),
+                               point_error=state.point_error, land_error_on=jnp.float32(1.0))[1]
+    want = train.losses.landmark_loss(pred, batch["landmarks"], w, 32, kind)
+    np.testing.assert_allclose(aux["land"], want, rtol=1e-5, err_msg=kind)
+    np.testing.assert_allclose(
+        aux["land_error"], train.losses.landmark_loss(pred, batch["landmarks"], inner, 32, kind),
+        rtol=1e-5, err_msg=kind)
+    got[kind] = float(aux["land"])
+  assert len(set(got.values())) == 3  # each kind is a different term
+
 # ---- the loop's defects -----------------------------------------------------------------------
 def test_hold_out_never_validates_on_training_examples():
   src = [{"i": i} for i in range(200)]
