@@ -48,6 +48,7 @@ class TrainConfig:
   width: float = 1.0
   fc_width: int = 4096
   pool: str = "mean"               # light backbone: "mean" or "flatten" (models/light.py)
+  input_window: tuple = ()         # () or (x0, y0, x1, y1): input black outside (heads.py)
   image_size: int = 224
   batch_size: int = 16
   learning_rate: float = 1e-5
@@ -110,7 +111,8 @@ class TrainState:
 def make_network(config: TrainConfig, model: mm.MorphableModel):
   """The Flax regressor of a config."""
   return vgg.make_regressor(model, config.backbone, width=config.width,
-                            fc_width=config.fc_width, pool=config.pool)
+                            fc_width=config.fc_width, pool=config.pool,
+                            input_window=config.input_window)
 
 
 @functools.lru_cache(maxsize=16)
@@ -507,8 +509,12 @@ def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   (light.expand_head)."""
   params, source = read_params(config.init_params, model)
   expand = source.pool == "mean" and config.pool == "flatten"
-  if ((source.backbone, source.width, source.fc_width, source.image_size)
-      != (config.backbone, config.width, config.fc_width, config.image_size)
+  # A mean-pool light network's parameters fit any crop size; vgg16's fc6 and a flatten
+  # head's kernel are sized by it.
+  sized = config.backbone == "vgg16" or source.pool == "flatten"
+  if ((source.backbone, source.width, source.fc_width)
+      != (config.backbone, config.width, config.fc_width)
+      or (sized and source.image_size != config.image_size)
       or (source.pool != config.pool and not expand)):
     pool = lambda c: f" ({c.pool} pool)" if source.pool != config.pool else ""
     raise ValueError(
@@ -559,6 +565,7 @@ def config_from_json(text: str) -> TrainConfig:
   d = json.loads(text)
   d["weights"] = losses.LossWeights(**d["weights"])
   d["colour_range"] = tuple(d["colour_range"])
+  d["input_window"] = tuple(d.get("input_window", ()))
   return TrainConfig(**d)
 
 

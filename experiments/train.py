@@ -17,6 +17,7 @@ from dff3d import distributed
 from dff3d import losses
 from dff3d import morphable_model as mm
 from dff3d import train
+from dff3d.models import heads
 from dff3d.models import light
 from experiments import configs
 
@@ -69,6 +70,8 @@ _POOL = flags.DEFINE_enum("pool", None, list(light.POOLS), "Override: the light 
 _LAND_LOSS = flags.DEFINE_enum("landmark_loss", None, list(losses.LANDMARK_LOSSES),
                                "Override: L_land's penalty of each point's distance: l2 "
                                "(paper, squared), l1 (the distance, as NME) or wing.")
+_WINDOW = flags.DEFINE_list("input_window", None, "Override: x0,y0,x1,y1 fractions of the crop "
+                            "outside which the network's input is black ('' for none).")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0.")
 
 
@@ -97,6 +100,12 @@ def main(argv):
                "box_jitter_prob": _JITTER_PROB.value, "pool": _POOL.value,
                "landmark_loss": _LAND_LOSS.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+  if _WINDOW.value is not None:
+    try:
+      config = config.replace(input_window=heads.check_window(
+          [float(v) for v in _WINDOW.value if v.strip()]))
+    except ValueError as e:
+      raise app.UsageError(f"--input_window: {e}") from None
   if not 0.0 <= config.box_jitter_prob <= 1.0:
     raise app.UsageError(f"--box_jitter_prob: {config.box_jitter_prob} is not in [0, 1]")
   if _WEIGHTS.value:

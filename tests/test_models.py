@@ -343,3 +343,42 @@ def test_frozen_dff_native_size_keeps_the_input_grid(tmp_path):
   out = fn(jnp.full((2, 40, 40, 3), 0.5))
   assert out.shape == (2, 40, 40, 8)
   np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), 1.0, atol=1e-4)
+
+
+def test_window_mask_covers_the_pixel_centres_inside_the_fractions():
+  m = np.asarray(heads.window_mask(10, 20, (0.1, 0.2, 0.5, 1.0)))
+  # columns whose centre (j + 0.5) / 20 lies in [0.1, 0.5]: 2..9; rows (i + 0.5) / 10 >= 0.2: 2..9
+  want = np.zeros((10, 20), np.float32)
+  want[2:, 2:10] = 1.0
+  np.testing.assert_array_equal(m, want)
+  x = jnp.ones((1, 4, 4, 3))
+  assert heads.apply_window(x, ()) is x and heads.apply_window(x, None) is x
+  for bad in [(0.5, 0.0, 0.4, 1.0), (0.0, 0.0, 1.0, 1.2), (0.1, 0.2, 0.3)]:
+    with pytest.raises(ValueError, match="input window"):
+      heads.check_window(bad)
+  assert heads.check_window([0, 0.1, 1, 1]) == (0.0, 0.1, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backbone,kwargs", [("light", dict(width=0.125)),
+                                             ("vgg16", dict(width=0.125, fc_width=16))])
+def test_input_window_hides_the_outside_and_keeps_the_parameters(model, backbone, kwargs):
+  window = (0.25, 0.25, 0.75, 1.0)
+  net = vgg.make_regressor(model, backbone, input_window=window, **kwargs)
+  plain = vgg.make_regressor(model, backbone, **kwargs)
+  key = jax.random.PRNGKey(0)
+  params = plain.init(key, jnp.zeros((1, 32, 32, 3)))["params"]
+  shapes = lambda t: jax.tree_util.tree_map(jnp.shape, t)
+  assert shapes(net.init(key, jnp.zeros((1, 32, 32, 3)))["params"]) == shapes(params)
+  # A trained-looking head so the output depends on the image.
+  params["head"]["dense"]["kernel"] = 0.05 * jax.random.normal(
+      jax.random.PRNGKey(1), params["head"]["dense"]["kernel"].shape)
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3))
+  outside = x.at[:, :, :8].set(0.3).at[:, :8].set(0.9)   # left quarter and top quarter changed
+  inside = x.at[:, 12:20, 12:20].set(0.0)
+  f = jax.jit(lambda p, im: net.apply({"params": p}, im))
+  g = jax.jit(lambda p, im: plain.apply({"params": p}, im))
+  np.testing.assert_array_equal(f(params, x), f(params, outside))
+  assert not np.allclose(f(params, x), f(params, inside))
+  assert not np.allclose(g(params, x), g(params, outside))   # the window is what hides it
+  np.testing.assert_allclose(f(params, x), g(params, x * heads.window_mask(32, 32, window)
+                                              [None, :, :, None]), rtol=1e-6, atol=1e-6)

@@ -190,6 +190,10 @@ def test_init_params_starts_from_saved_parameters_and_rejects_another_network(tm
   assert any(not np.array_equal(a, b) for a, b in leaves)  # seed 7 is not the config's seed
   with pytest.raises(ValueError, match="start.npz: a light x0.125 network at 32 px, not"):
     train.init_from(fresh, cfg.replace(init_params=path, width=0.25), model, tx)
+  # A mean-pool light network's parameters fit any crop size (and any input window).
+  other = cfg.replace(init_params=path, image_size=48, input_window=(0.1, 0.1, 0.9, 1.0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get(train.load_init_params(other, model)), saved)
 
 
 def test_init_params_from_a_mean_pool_network_to_a_flatten_one_keeps_its_function(tmp_path):
@@ -219,6 +223,11 @@ def test_init_params_from_a_mean_pool_network_to_a_flatten_one_keeps_its_functio
 def test_config_json_roundtrip():
   cfg = configs.get_config("paper")
   assert train.config_from_json(train.config_to_json(cfg)) == cfg
+  windowed = cfg.replace(input_window=(0.04, 0.1, 0.96, 1.0), landmark_loss="wing")
+  assert train.config_from_json(train.config_to_json(windowed)) == windowed
+  old = json.loads(train.config_to_json(cfg))  # a config.json written before these fields
+  del old["input_window"], old["landmark_loss"]
+  assert train.config_from_json(json.dumps(old)) == cfg
   with pytest.raises(ValueError, match="unknown config"):
     configs.get_config("nope")
 
@@ -319,5 +328,18 @@ def test_launcher_rejects_a_jitter_share_outside_0_1_in_one_line(tmp_path):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode != 0
   assert "--box_jitter_prob: 1.5 is not in [0, 1]" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_launcher_rejects_a_bad_input_window_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'w'}",
+       "--input_window=0.5,0,0.4,1"], capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode != 0
+  assert "--input_window: input window" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()

@@ -121,6 +121,44 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def window_mask(height: int, width: int, window) -> jnp.ndarray:
+  """(H, W) float32: 1 at pixels whose centre lies inside `window` = (x0, y0, x1, y1), given
+  as fractions of the image width and height, else 0."""
+  x0, y0, x1, y1 = (float(v) for v in window)
+  xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+  inside_x = (xs >= x0) & (xs <= x1)
+  inside_y = (ys >= y0) & (ys <= y1)
+  return (inside_y[:, None] & inside_x[None, :]).astype(jnp.float32)
+
+
+def apply_window(images, window):
+  """(B, H, W, 3) images black (0) outside `window` (x0, y0, x1, y1) fractions; unchanged
+  when window is None or empty.
+
+  Why: the AFLW crops the shipped regressors train on are cut from 3DDFA's 120 px boxes, and a
+  crop framed at the face's landmark box shows those boxes' black padding on its top and sides
+  (median 4 % left and right, 10 % on top). A network that always sees the same black window
+  reads no framing cue from it, and test crops of full photos look like training crops
+  (BUILD_NOTES, "Input window").
+  """
+  if not window:
+    return images
+  return images * window_mask(images.shape[1], images.shape[2], window)[None, :, :, None]
+
+
+def check_window(window) -> tuple:
+  """`window` as a tuple of 4 floats (or () for none); ValueError unless 0 <= x0 < x1 <= 1 and
+  0 <= y0 < y1 <= 1."""
+  if not window:
+    return ()
+  w = tuple(float(v) for v in window)
+  if len(w) != 4 or not (0.0 <= w[0] < w[2] <= 1.0 and 0.0 <= w[1] < w[3] <= 1.0):
+    raise ValueError(f"input window {window!r} is not x0,y0,x1,y1 with 0 <= x0 < x1 <= 1 and "
+                     "0 <= y0 < y1 <= 1")
+  return w
+
+
 def normalize_images(images):
   """(B, H, W, 3) float RGB in [0, 1] -> (images - ImageNet mean) / ImageNet std."""
   mean = jnp.asarray(IMAGENET_MEAN, images.dtype)

@@ -109,6 +109,8 @@ class ResNet18Regressor(nn.Module):
     init_bias, output_scale: (P,) head constants (see heads.py).
     dtype: compute dtype of the backbone; params and the head stay float32.
     pool: "mean" or "flatten" (module docstring).
+    input_window: optional (x0, y0, x1, y1) fractions: the input is black outside it
+      (heads.apply_window); no parameters depend on it.
   Parameter names: stem, stem_norm, stage{1..4}_block{1,2}/..., head/dense.
   """
   num_outputs: int
@@ -117,12 +119,14 @@ class ResNet18Regressor(nn.Module):
   output_scale: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
   pool: str = "mean"
+  input_window: Optional[Sequence[float]] = None
 
   @nn.compact
   def __call__(self, images):
     if self.pool not in POOLS:
       raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
-    x = heads.normalize_images(images.astype(jnp.float32)).astype(self.dtype)
+    x = heads.apply_window(images.astype(jnp.float32), self.input_window)
+    x = heads.normalize_images(x).astype(self.dtype)
     c = scaled(STEM_CHANNELS, self.width)
     x = nn.Conv(c, (7, 7), strides=(2, 2), padding="SAME", use_bias=False,
                 kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name="stem")(x)

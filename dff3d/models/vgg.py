@@ -60,10 +60,12 @@ class VGG16Regressor(nn.Module):
   init_bias: Optional[Sequence[float]] = None
   output_scale: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  input_window: Optional[Sequence[float]] = None  # heads.apply_window
 
   @nn.compact
   def __call__(self, images):
-    x = heads.normalize_images(images.astype(jnp.float32)).astype(self.dtype)
+    x = heads.apply_window(images.astype(jnp.float32), self.input_window)
+    x = heads.normalize_images(x).astype(self.dtype)
     init = nn.initializers.he_normal()
     for s, stage in enumerate(conv_widths(self.width), start=1):
       for i, c in enumerate(stage, start=1):
@@ -81,7 +83,7 @@ class VGG16Regressor(nn.Module):
 def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width: int = 4096,
                    field_scales: Optional[Mapping[str, Any]] = None,
                    distance: Optional[float] = None, pool: str = "mean",
-                   **kwargs) -> nn.Module:
+                   input_window=(), **kwargs) -> nn.Module:
   """A regressor module whose untrained output is `zero_coefficients(model, 1, distance)`.
 
   Args:
@@ -92,6 +94,8 @@ def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width:
     field_scales: per-field output scale overrides (heads.DEFAULT_FIELD_SCALES).
     distance: camera distance of the initial pose (default camera.DEFAULT_DISTANCE).
     pool: "mean" or "flatten" (light only; vgg16 always flattens its 7 x 7 grid into fc6).
+    input_window: () / None, or (x0, y0, x1, y1) fractions outside which the input is black
+      (heads.apply_window).
     **kwargs: further module attributes (e.g. dtype).
   Returns:
     A Flax module: apply({'params': p}, images (B, H, W, 3) in [0, 1]) -> (B, P).
@@ -99,7 +103,8 @@ def make_regressor(model, backbone: str = "vgg16", width: float = 1.0, fc_width:
   sizes = model.sizes
   common = dict(num_outputs=coeffs_lib.size(sizes),
                 init_bias=heads.as_tuple(heads.initial_bias(model, distance)),
-                output_scale=heads.as_tuple(heads.output_scale(sizes, field_scales)))
+                output_scale=heads.as_tuple(heads.output_scale(sizes, field_scales)),
+                input_window=heads.check_window(input_window) or None)
   if backbone == "vgg16":
     if pool != "mean":
       raise ValueError(f"pool {pool!r}: the vgg16 backbone has no pool option")
