@@ -485,20 +485,35 @@ def read_params(checkpoint: str, model: mm.MorphableModel):
   return workdir_params(checkpoint, model)
 
 
-def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableModel] = None):
-  """A jitted function crops (B, S, S, 3) -> Coefficients, with `.image_size` S and
-  `.config`.
+def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableModel] = None,
+                   flip_average: bool = False):
+  """A jitted function crops (B, S, S, 3) -> Coefficients, with `.image_size` S,
+  `.config` and `.flip_average`.
 
   checkpoint: "shipped" (default: dff3d/assets/regressor.npz, trained on real AFLW photos), a
   .npz written by save_params_npz, or a training workdir (or its checkpoints folder), whose
   config.json names the network; only the parameters are restored.
+  flip_average: also regress each crop's left-right mirror image and average the two
+  estimates in coefficient space (symmetry.flip_average; twice the network's cost).
   """
   model = model if model is not None else mm.default_model()
   params, config = read_params(checkpoint, model)
   net = make_network(config, model)
-  fn = jax.jit(lambda images: predict(params, images, net=net, model=model))
+  if flip_average:
+    from dff3d import symmetry
+    maps = symmetry.mirror_maps(model)
+
+    def run(images):
+      both = predict(params, jnp.concatenate([images, images[:, :, ::-1]]), net=net, model=model)
+      n = images.shape[0]
+      half = lambda lo, hi: jax.tree_util.tree_map(lambda a: a[lo:hi], both)
+      return symmetry.flip_average(half(0, n), half(n, 2 * n), maps)
+  else:
+    run = lambda images: predict(params, images, net=net, model=model)
+  fn = jax.jit(run)
   fn.image_size = config.image_size
   fn.config = config
+  fn.flip_average = flip_average
   return fn
 
 

@@ -69,6 +69,8 @@ _PASSES = flags.DEFINE_integer("passes", 1, "With --checkpoint and --face_box=gr
                                "regresses the ground-truth crop; 2 re-crops at that pass's "
                                "68 landmarks and regresses again (the detector box always "
                                "takes 2 passes).")
+_FLIP = flags.DEFINE_bool("flip_average", False, "With --checkpoint: also regress each crop's "
+                          "mirror image and average the two estimates (twice the cost).")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
 _DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) ground-truth "
                                 "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
@@ -181,6 +183,7 @@ def summary(result):
   """The line printed under the table: images, failures, face box and faces not found."""
   n = result.get("passes")
   passes = f", {n} pass{'es' if n > 1 else ''}" if n else ""
+  passes += ", flip-averaged" if result.get("flip_average") else ""
   box = f"face box: {result['face_box']}{passes}; " if result["face_box"] else ""
   return (f"{result['num_images']} images, {result['failures']} failures ({box}"
           f"{result['faces_not_found']} faces not found)")
@@ -210,7 +213,7 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
-             face_box="ground_truth", detector="auto", passes=1):
+             face_box="ground_truth", detector="auto", passes=1, flip_average=False):
   """Figures dict (see module doc) for a dataset folder.
 
   checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
@@ -219,6 +222,8 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
   detector: detect.detect_boxes's detector for face_box="detector" / landmarks="detector".
   passes: with a checkpoint and face_box="ground_truth", 1 (the ground-truth crop) or 2 (then
     reconstruction.regress_from_boxes from that crop's box: re-crop at pass 1's landmarks).
+  flip_average: with a checkpoint, average each crop's estimate with its mirror image's
+    (train.load_regressor).
   """
   if face_box == "detector" and not checkpoint:
     raise ValueError("--face_box=detector needs --checkpoint (the per-image fit takes its "
@@ -233,7 +238,7 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
   regressor = None
   if checkpoint:
     from dff3d import train
-    regressor = train.load_regressor(checkpoint, model)
+    regressor = train.load_regressor(checkpoint, model, flip_average=flip_average)
     config = config.replace(image_size=regressor.image_size)  # crops it was trained on
   items, failures = load_items(dataset, data_dir)
   faces, kept, kept_paths, not_found = [], [], [], 0
@@ -260,7 +265,8 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
             "face_box": face_box if checkpoint else None, "faces_not_found": not_found,
             "detector": detector if (face_box == "detector" or not checkpoint) else None,
             "refine_steps": config.photo_steps if checkpoint else None,
-            "passes": (2 if face_box == "detector" else passes) if checkpoint else None}
+            "passes": (2 if face_box == "detector" else passes) if checkpoint else None,
+            "flip_average": bool(flip_average) if checkpoint else None}
   if dataset == "aflw2000_3d":
     pred = np.stack([f.landmarks_2d for f in out]) if out else np.zeros((0, 68, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 68, 2))
@@ -312,7 +318,7 @@ def main(argv):
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
                       _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value,
-                      _DETECTOR.value, _PASSES.value)
+                      _DETECTOR.value, _PASSES.value, _FLIP.value)
   except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":
