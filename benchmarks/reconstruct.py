@@ -19,7 +19,9 @@ one-photo folder (the warm-up: compiles everything; its wall time is "first_call
 the timers, then runs dff3d.job.run on the folder (outputs --outputs, progress off) and prints
 one JSON line:
 
-  images, faces, failures, path ("regressor": the shipped regressor, two passes;
+  images, faces, failures, flip_average (--flip_average: each regression also runs on the
+    mirrored crops and averages, the job's default), path ("regressor": the shipped
+    regressor, two passes;
     "fitting": Reconstructor(regressor=None, landmarks="dlib"), the fit to dlib's 68 points
     with the CLI's FitConfig), batch_size, refine_steps,
   seconds_per_image: the folder's job wall time / images, everything compiled;
@@ -258,7 +260,8 @@ def child_job(spec):
       regressor="shipped" if path == "regressor" else None,
       landmarks="regressor" if path == "regressor" else "dlib",
       detector=spec["detector"], refine_steps=spec["refine_steps"],
-      batch_size=spec["batch_size"], fit_config=fit_config, max_side=spec["max_side"])
+      batch_size=spec["batch_size"], fit_config=fit_config, max_side=spec["max_side"],
+      flip_average=bool(spec["flip_average"]))
   timers = Timers()
   _instrument(rec, timers)
   kinds = outputs.parse_kinds(spec["outputs"].split(","))
@@ -292,6 +295,7 @@ def child_job(spec):
       "benchmark": "job", "path": path, "images": summary.images, "faces": summary.faces,
       "failures": len(summary.failures) - len(warm.failures),
       "batch_size": bs, "refine_steps": spec["refine_steps"],
+      "flip_average": bool(spec["flip_average"]),
       "detector": spec["detector"], "max_side": spec["max_side"], "outputs": spec["outputs"],
       "seconds_per_image": r(per_image, 3),
       "seconds_per_image_incl_compile": r(per_image + (first_call - per_image) / n, 3),
@@ -331,31 +335,32 @@ def child_regressor(spec):
   import jax.numpy as jnp
   from dff3d import io, train
   load_start = os.getloadavg()[0]
-  fn = train.load_regressor()
-  s = fn.image_size
   photo = io.read_image(spec["photo"])
-  crop = _face_crop(photo, np.asarray(spec["rect"]), s)
   rows = []
-  for b in spec["batches"]:
-    x = jnp.asarray(np.repeat(crop[None], b, 0))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    compile_s = time.perf_counter() - t
-    for _ in range(3):
-      jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(spec["repeats"]):
+  for flip in (False, True):  # one network call per face, and the job's flip-averaged two
+    fn = train.load_regressor(flip_average=flip)
+    s = fn.image_size
+    crop = _face_crop(photo, np.asarray(spec["rect"]), s)
+    for b in spec["batches"]:
+      x = jnp.asarray(np.repeat(crop[None], b, 0))
       t = time.perf_counter()
       jax.block_until_ready(fn(x))
-      times.append(time.perf_counter() - t)
-    ms = float(np.median(times)) * 1e3
-    rows.append({"benchmark": "regressor", "batch_size": b, "image_size": s,
-                 "backbone": getattr(fn.config, "backbone", None),
-                 "ms_per_call": round(ms, 2), "ms_per_face": round(ms / b, 2),
-                 "ms_per_face_min": round(min(times) * 1e3 / b, 2),
-                 "first_call_s": round(compile_s, 2), "repeats": spec["repeats"],
-                 "machine": machine(),
-                 "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)]})
+      compile_s = time.perf_counter() - t
+      for _ in range(3):
+        jax.block_until_ready(fn(x))
+      times = []
+      for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - t)
+      ms = float(np.median(times)) * 1e3
+      rows.append({"benchmark": "regressor", "batch_size": b, "image_size": s,
+                   "backbone": getattr(fn.config, "backbone", None), "flip_average": flip,
+                   "ms_per_call": round(ms, 2), "ms_per_face": round(ms / b, 2),
+                   "ms_per_face_min": round(min(times) * 1e3 / b, 2),
+                   "first_call_s": round(compile_s, 2), "repeats": spec["repeats"],
+                   "machine": machine(),
+                   "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)]})
   return rows
 
 
@@ -461,6 +466,8 @@ def main():
   p.add_argument("--detector", default="auto")
   p.add_argument("--max_side", type=int, default=1024, help="detect_boxes max_side")
   p.add_argument("--outputs", default="json,mesh,overlay,coefficients")
+  p.add_argument("--flip_average", type=int, default=1, choices=(0, 1),
+                 help="job runs: 1 (the job's default) averages each face with its mirror image")
   p.add_argument("--micro", default="regressor,detect,write")
   p.add_argument("--micro_batches", default="1,8,16")
   p.add_argument("--detect_sides", default="640,800,1024")
@@ -514,7 +521,7 @@ def main():
                                       for n in names) / 2**20, 1)}), flush=True)
     base = dict(kind="job", batch_size=a.batch_size, chunk_images=a.chunk_images,
                 detector=a.detector, max_side=a.max_side, outputs=a.outputs,
-                warmup_folder=warm)
+                warmup_folder=warm, flip_average=a.flip_average)
     runs = []
     for path in paths:
       for n in sizes:

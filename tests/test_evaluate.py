@@ -105,9 +105,11 @@ def stub(monkeypatch):
   from dff3d import train
   regressor = StubRegressor(STUB_SIZE)
   regressor.checkpoints = []
+  regressor.flip_averages = []
 
-  def load_regressor(checkpoint, model):
+  def load_regressor(checkpoint, model, flip_average=False):
     regressor.checkpoints.append(checkpoint)
+    regressor.flip_averages.append(flip_average)
     return regressor
 
   monkeypatch.setattr(train, "load_regressor", load_regressor)
@@ -138,6 +140,11 @@ def test_checkpoint_crops_at_the_regressors_size(aflw_dir, stub):
   assert res["num_images"] == 3 and res["failures"] == 0
   assert res["face_box"] == "ground_truth" and res["faces_not_found"] == 0
   assert "0 faces not found" in evaluate.summary(res)
+  assert stub.flip_averages == [False] and res["flip_average"] is False
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="shipped", flip_average=True)
+  assert stub.flip_averages == [False, True] and res["flip_average"] is True
+  assert "flip-averaged" in evaluate.summary(res)
 
 
 @pytest.mark.parametrize("broken", ["not_a_mat", "bad_pt3d_68"])
@@ -255,8 +262,9 @@ def test_checkpoint_paths_load_a_real_regressor(aflw_dir, tmp_path):
   image = io.read_image(aflw_dir / "image00001.jpg")
   crop = augment.crop_to_landmarks(image, _gt_points(aflw_dir, 1), STUB_SIZE)[0]
   want = train.predict(state.params, jnp.asarray(crop[None]), net=net, model=model)
-  rec = reconstructor.Reconstructor(regressor=npz)
+  rec = reconstructor.Reconstructor(regressor=npz, flip_average=False)
   got = rec.regressor(jnp.asarray(crop[None]))
+  assert reconstructor.Reconstructor(regressor=npz).regressor.flip_average  # the job's default
   np.testing.assert_allclose(got.rotation, want.rotation, atol=1e-4)
   np.testing.assert_allclose(got.identity, want.identity, atol=1e-4)
   assert np.abs(np.asarray(want.rotation)).max() > 1e-3  # not the frontal mean face
