@@ -343,3 +343,28 @@ def test_launcher_rejects_a_bad_input_window_in_one_line(tmp_path):
   assert "--input_window: input window" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_export_regressor_reexports_a_file_with_another_input_window(tmp_path):
+  import subprocess
+  import sys
+  cfg = tiny_config()
+  model = mm.default_model()
+  net = train.make_network(cfg, model)
+  params = net.init(jax.random.PRNGKey(3), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))
+  src = str(tmp_path / "src.npz")
+  train.save_params_npz(src, params["params"], cfg, dtype=np.float16)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.export_regressor",
+                                      f"--checkpoint={src}", *args], capture_output=True,
+                                     text=True, timeout=300, cwd=root)
+  out = str(tmp_path / "out.npz")
+  proc = run(f"--output={out}", "--input_window=0.04,0.1,0.96,1")
+  assert proc.returncode == 0, proc.stderr
+  got, got_cfg = train.load_params_npz(out)
+  want, want_cfg = train.load_params_npz(src)
+  assert got_cfg == want_cfg.replace(input_window=(0.04, 0.1, 0.96, 1.0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)  # float16 both times
+  bad = run(f"--output={tmp_path / 'bad.npz'}", "--input_window=0.5,0,0.2,1")
+  assert bad.returncode != 0 and "input window" in bad.stderr
+  assert "Traceback" not in bad.stderr and not (tmp_path / "bad.npz").exists()
