@@ -132,8 +132,8 @@ class Reconstructor:
       None: its defaults).
     dff_fn: optional frozen DFF for the photometric stages (models.dff.load_frozen_dff).
     flip_average: with a regressor given by name or path, also regress each crop's mirror
-      image and average the two estimates (symmetry.flip_average; default on: dev NME 5.34 ->
-      5.13 % for twice the network's few ms per face, BUILD_NOTES "Flip averaging").
+      image and average the two estimates (symmetry.flip_average; default on: dev NME 5.35 ->
+      5.13 % for twice the network's few ms per face, BUILD_NOTES "Session 14").
   """
 
   def __init__(self, model: Optional[mm.MorphableModel] = None, regressor="shipped",

@@ -13,8 +13,8 @@ the model: with F = diag(-1, 1, 1) and `perm` the vertex partners,
   lighting: the SH functions odd in x (Y11, Y2-2, Y21) change sign.
 
 `flip_average` uses it for test-time augmentation: a regressor run on a crop and on its mirror
-image gives two estimates of one face, averaged in coefficient space (BUILD_NOTES, "Flip
-averaging").
+image gives two estimates of one face, averaged in coefficient space (BUILD_NOTES,
+"Session 14").
 """
 
 import flax

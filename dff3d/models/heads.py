@@ -140,7 +140,7 @@ def apply_window(images, window):
   crop framed at the face's landmark box shows those boxes' black padding on its top and sides
   (median 4 % left and right, 10 % on top). A network that always sees the same black window
   reads no framing cue from it, and test crops of full photos look like training crops
-  (BUILD_NOTES, "Input window").
+  (BUILD_NOTES, "Session 14: the crops' black border").
   """
   if not window:
     return images
