@@ -517,18 +517,25 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
   return fn
 
 
+# Relative noise on the kernels of a widened network (light.widen): the widened regressor's
+# outputs move by ~1 % of their scale (BUILD_NOTES, "Session 15").
+WIDEN_NOISE = 0.02
+
+
 def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   """The float32 parameters of config.init_params, checked to be this config's network
   (backbone, width, head, crop size); ValueError / FileNotFoundError naming the source.
   A "mean"-pool source for a "flatten" config is expanded to the same function
-  (light.expand_head)."""
+  (light.expand_head); a light source of half this config's width is widened to about the
+  same function (light.widen, kernels perturbed by WIDEN_NOISE so the copies can part)."""
   params, source = read_params(config.init_params, model)
   expand = source.pool == "mean" and config.pool == "flatten"
+  wider = config.backbone == "light" and config.width == 2 * source.width
   # A mean-pool light network's parameters fit any crop size; vgg16's fc6 and a flatten
   # head's kernel are sized by it.
   sized = config.backbone == "vgg16" or source.pool == "flatten"
-  if ((source.backbone, source.width, source.fc_width)
-      != (config.backbone, config.width, config.fc_width)
+  if ((source.backbone, source.fc_width) != (config.backbone, config.fc_width)
+      or (source.width != config.width and not wider)
       or (sized and source.image_size != config.image_size)
       or (source.pool != config.pool and not expand)):
     pool = lambda c: f" ({c.pool} pool)" if source.pool != config.pool else ""
@@ -537,6 +544,8 @@ def load_init_params(config: TrainConfig, model: mm.MorphableModel):
         f"{source.image_size} px{pool(source)}, not this config's {config.backbone} "
         f"x{config.width} at {config.image_size} px{pool(config)}")
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+  if wider:
+    params = light.widen(params, jax.random.PRNGKey(config.seed), WIDEN_NOISE)
   return light.expand_head(params, config.image_size) if expand else params
 
 

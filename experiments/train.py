@@ -67,6 +67,8 @@ _JITTER_PROB = flags.DEFINE_float("box_jitter_prob", None, "Override: share of e
                                    "whose crop box is jittered (1: all).")
 _POOL = flags.DEFINE_enum("pool", None, list(light.POOLS), "Override: the light backbone's "
                           "pool; 'flatten' from a 'mean' --init_params keeps its function.")
+_WIDTH = flags.DEFINE_float("width", None, "Override: the light backbone's channel multiplier; "
+                            "twice an --init_params network's width widens it (light.widen).")
 _LAND_LOSS = flags.DEFINE_enum("landmark_loss", None, list(losses.LANDMARK_LOSSES),
                                "Override: L_land's penalty of each point's distance: l2 "
                                "(paper, squared), l1 (the distance, as NME) or wing.")
@@ -98,7 +100,7 @@ def main(argv):
                "decayed_learning_rate": _LR_DECAYED.value, "init_params": _INIT.value,
                "box_scale_jitter": _SCALE_JITTER.value, "box_shift_jitter": _SHIFT_JITTER.value,
                "box_jitter_prob": _JITTER_PROB.value, "pool": _POOL.value,
-               "landmark_loss": _LAND_LOSS.value}
+               "landmark_loss": _LAND_LOSS.value, "width": _WIDTH.value}
   config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
   if _WINDOW.value is not None:
     try:

@@ -95,6 +95,36 @@ def test_flatten_pool_sees_the_grid_and_expand_head_keeps_the_function(model, si
   assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()
 
 
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_widen_keeps_the_function_and_noise_lets_the_copies_part(model, pool):
+  narrow = vgg.make_regressor(model, "light", width=0.25, pool=pool)
+  wide = vgg.make_regressor(model, "light", width=0.5, pool=pool)
+  x = images(2, 64, seed=4)
+  params = init(narrow, x)["params"]
+  kernel = params["head"]["dense"]["kernel"]  # zero at init: give the head a real function
+  params["head"]["dense"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), kernel.shape)
+  # Norm scales start at 1 (or 0): random ones make every copy's statistics matter.
+  flat = traverse_util.flatten_dict(params)
+  for i, path in enumerate(p for p in flat if p[-1] in ("scale", "bias")):
+    flat[path] = jax.random.uniform(jax.random.PRNGKey(10 + i), flat[path].shape, minval=0.5)
+  params = traverse_util.unflatten_dict(flat)
+  widened = light.widen(params)
+  shapes = lambda t: jax.tree_util.tree_map(np.shape, t)
+  assert shapes(widened) == shapes(shape_init(wide, x)["params"])
+  a = np.asarray(jax.jit(narrow.apply)({"params": params}, x))
+  b = np.asarray(jax.jit(wide.apply)({"params": widened}, x))
+  np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+  noisy = light.widen(params, jax.random.PRNGKey(2), noise=0.02)
+  k = np.asarray(noisy["stage3_block1"]["conv1"]["kernel"])
+  i = light.duplicate_index(k.shape[-1] // 2)
+  first = np.flatnonzero(i == 0)  # the two copies of narrow channel 0
+  assert len(first) == 2 and not np.allclose(k[..., first[0]], k[..., first[1]])
+  c = np.asarray(jax.jit(wide.apply)({"params": noisy}, x))
+  assert 0 < np.abs(c - a).max() < 0.1 * np.abs(a).max()
+  with pytest.raises(ValueError, match="noise > 0 needs a key"):
+    light.widen(params, noise=0.02)
+
+
 def test_pool_option_is_checked(model):
   with pytest.raises(ValueError, match="vgg16 backbone has no pool option"):
     vgg.make_regressor(model, "vgg16", pool="flatten", **SMALL_VGG)

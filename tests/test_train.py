@@ -12,6 +12,7 @@ import pytest
 from dff3d import landmark_sets
 from dff3d import morphable_model as mm
 from dff3d import train
+from dff3d.models import light
 from experiments import configs
 
 
@@ -189,7 +190,16 @@ def test_init_params_starts_from_saved_parameters_and_rejects_another_network(tm
   leaves = zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(fresh.params))
   assert any(not np.array_equal(a, b) for a, b in leaves)  # seed 7 is not the config's seed
   with pytest.raises(ValueError, match="start.npz: a light x0.125 network at 32 px, not"):
-    train.init_from(fresh, cfg.replace(init_params=path, width=0.25), model, tx)
+    train.init_from(fresh, cfg.replace(init_params=path, width=0.5), model, tx)
+  # Twice the width: widened (light.widen), kernels perturbed by the config's seed.
+  wide = train.load_init_params(cfg.replace(init_params=path, width=0.25), model)
+  expected = light.widen(saved, jax.random.PRNGKey(cfg.seed), train.WIDEN_NOISE)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(wide),
+                         jax.device_get(expected))
+  wide_net = train.make_network(cfg.replace(width=0.25), model)
+  assert jax.tree_util.tree_map(np.shape, wide) == jax.tree_util.tree_map(
+      np.shape, jax.eval_shape(wide_net.init, jax.random.PRNGKey(0),
+                               jnp.zeros((1, cfg.image_size, cfg.image_size, 3)))["params"])
   # A mean-pool light network's parameters fit any crop size (and any input window).
   other = cfg.replace(init_params=path, image_size=48, input_window=(0.1, 0.1, 0.9, 1.0))
   jax.tree_util.tree_map(np.testing.assert_array_equal,

@@ -29,7 +29,10 @@ Input: (B, H, W, 3) float32 RGB in [0, 1] (ImageNet-normalised inside); the outp
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from dff3d.models import heads
 
@@ -58,6 +61,63 @@ def expand_head(params, image_size: int):
   head = dict(params["head"])
   head["dense"] = dict(head["dense"], kernel=jnp.tile(kernel, (cells, 1)) / cells)
   return dict(params, head=head)
+
+
+def duplicate_index(channels: int) -> np.ndarray:
+  """(2 C,) source channel of each channel of a network twice as wide, C -> 2 C.
+
+  Every group of the wide layer's GroupNorm holds one source group's channels (twice, or
+  once in each of two groups), so its mean and variance are the source group's: the layout
+  is each source group's channels, then the same channels again.
+  """
+  groups = num_groups(channels)
+  if num_groups(2 * channels) not in (groups, 2 * groups):
+    raise ValueError(f"{channels} channels in {groups} groups: GroupNorm at twice the width "
+                     f"has {num_groups(2 * channels)} groups, which copies cannot match")
+  size = channels // groups
+  j = np.arange(2 * channels)
+  return (j // (2 * size)) * size + j % size
+
+
+def widen(params, key=None, noise: float = 0.0):
+  """A light network's params -> those of the network of twice its width, same function.
+
+  Net2WiderNet (Chen et al. 2016) for this layout: every channel is duplicated
+  (`duplicate_index`), every kernel reading duplicated channels is halved over the copies,
+  GroupNorm scales and biases are copied. Copies would get the same gradients for ever, so
+  `noise` > 0 adds N(0, (noise * std of the kernel)^2) to every conv kernel (needs `key`)
+  to let them part; the function then changes by about that fraction.
+
+  Args:
+    params: a ResNet18Regressor's params at width w (either pool: a flatten head is
+      widened cell by cell).
+    key: PRNG key, used when noise > 0.
+  Returns:
+    the params of the same network at width 2 w (same names, float32 arrays).
+  """
+  if noise and key is None:
+    raise ValueError("widen: noise > 0 needs a key")
+  flat = traverse_util.flatten_dict(params)
+  channels = flat[("stage4_block2", "conv2", "kernel")].shape[-1]
+  keys = iter(jax.random.split(key, len(flat)) if noise else [None] * len(flat))
+  out = {}
+  for path in sorted(flat):  # the noise of a kernel depends on its name, not dict order
+    x = np.asarray(flat[path], np.float32)
+    if path == ("head", "dense", "kernel"):                   # (cells * C, P)
+      cells = x.shape[0] // channels
+      x = x.reshape(cells, channels, -1)[:, duplicate_index(channels)] / 2.0
+      x = x.reshape(cells * 2 * channels, -1)
+    elif path[0] != "head" and path[-1] == "kernel":         # (kh, kw, Ci, Co)
+      if path[0] != "stem":                                  # the stem reads RGB
+        x = x[:, :, duplicate_index(x.shape[2])] / 2.0
+      x = x[..., duplicate_index(x.shape[3])]
+    elif path[0] != "head":                                  # GroupNorm scale / bias (C,)
+      x = x[duplicate_index(x.shape[0])]
+    k = next(keys)
+    if noise and path[0] != "head" and path[-1] == "kernel":
+      x = x + noise * x.std() * np.asarray(jax.random.normal(k, x.shape))
+    out[path] = jnp.asarray(x)
+  return traverse_util.unflatten_dict(out)
 
 
 def scaled(channels: int, width: float, divisor: int = 8) -> int:
