@@ -530,7 +530,8 @@ def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   same function (light.widen, kernels perturbed by WIDEN_NOISE so the copies can part)."""
   params, source = read_params(config.init_params, model)
   expand = source.pool == "mean" and config.pool == "flatten"
-  wider = config.backbone == "light" and config.width == 2 * source.width
+  wider = (config.backbone == "light" and config.width == 2 * source.width
+           and light.doubles(source.width))
   # A mean-pool light network's parameters fit any crop size; vgg16's fc6 and a flatten
   # head's kernel are sized by it.
   sized = config.backbone == "vgg16" or source.pool == "flatten"

@@ -123,6 +123,7 @@ def test_widen_keeps_the_function_and_noise_lets_the_copies_part(model, pool):
   assert 0 < np.abs(c - a).max() < 0.1 * np.abs(a).max()
   with pytest.raises(ValueError, match="noise > 0 needs a key"):
     light.widen(params, noise=0.02)
+  assert light.doubles(0.25) and light.doubles(0.5) and not light.doubles(0.3)  # 16 -> 40
 
 
 def test_pool_option_is_checked(model):

@@ -79,6 +79,13 @@ def duplicate_index(channels: int) -> np.ndarray:
   return (j // (2 * size)) * size + j % size
 
 
+def doubles(width: float) -> bool:
+  """True when every layer of the width-2w network has exactly twice the width-w channels
+  (what `widen` needs; rounding to multiples of 8 breaks it for some widths)."""
+  counts = (STEM_CHANNELS,) + tuple(c for c, _, _ in RESNET18_STAGES)
+  return all(scaled(c, 2 * width) == 2 * scaled(c, width) for c in counts)
+
+
 def widen(params, key=None, noise: float = 0.0):
   """A light network's params -> those of the network of twice its width, same function.
 
