@@ -517,8 +517,8 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
   return fn
 
 
-# Relative noise on the kernels of a widened network (light.widen): the widened regressor's
-# outputs move by ~1 % of their scale (BUILD_NOTES, "Session 15").
+# Relative noise on the kernels of a widened network (light.widen), so the channel copies can
+# part; on run 7's file 1 % moves the outputs by 0.006 on average (BUILD_NOTES, "Session 15").
 WIDEN_NOISE = 0.02
 
 

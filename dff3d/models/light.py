@@ -110,18 +110,19 @@ def widen(params, key=None, noise: float = 0.0):
   out = {}
   for path in sorted(flat):  # the noise of a kernel depends on its name, not dict order
     x = np.asarray(flat[path], np.float32)
+    conv = path[0] != "head" and path[-1] == "kernel"         # (kh, kw, Ci, Co)
     if path == ("head", "dense", "kernel"):                   # (cells * C, P)
       cells = x.shape[0] // channels
       x = x.reshape(cells, channels, -1)[:, duplicate_index(channels)] / 2.0
       x = x.reshape(cells * 2 * channels, -1)
-    elif path[0] != "head" and path[-1] == "kernel":         # (kh, kw, Ci, Co)
+    elif conv:
       if path[0] != "stem":                                  # the stem reads RGB
         x = x[:, :, duplicate_index(x.shape[2])] / 2.0
       x = x[..., duplicate_index(x.shape[3])]
     elif path[0] != "head":                                  # GroupNorm scale / bias (C,)
       x = x[duplicate_index(x.shape[0])]
     k = next(keys)
-    if noise and path[0] != "head" and path[-1] == "kernel":
+    if noise and conv:
       x = x + noise * x.std() * np.asarray(jax.random.normal(k, x.shape))
     out[path] = jnp.asarray(x)
   return traverse_util.unflatten_dict(out)
