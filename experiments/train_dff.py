@@ -13,7 +13,8 @@ aflw_3ddfa.split_of is "validation" are never loaded), drawn per step with a num
 --seed; their pixels correspond through the model fitted to each crop (--real_pseudo68, the .npz
 of data_prep.aflw_pseudo68 with its "coefficients"), rendered as a synthetic view is
 (dff_training.real_views). The crops are decoded once to --image_size in memory (16.7k training
-crops at 96 px: about 460 MB; --real_max keeps the first N). A ~30-minute fine-tune of the
+crops at 96 px: about 460 MB; --real_max keeps the first N); --real_pose_balance draws every
+|yaw| group equally often. A ~30-minute fine-tune of the
 shipped net on the 2-core CPU (about 0.8 s per step of 8 pairs when the CPU is not shared, plus
 2-3 min to compile; the fit of all 17,590 crops takes about 2 min):
 
@@ -73,6 +74,10 @@ _REAL_P68 = flags.DEFINE_string("real_pseudo68", None,
 _REAL_FRACTION = flags.DEFINE_float("real_fraction", 0.0,
                                     "Share of each batch's pairs that are real cross-crop pairs "
                                     "(rounded; 0: synthetic only).")
+_REAL_POSE_BALANCE = flags.DEFINE_bool(
+    "real_pose_balance", False,
+    "Draw each real crop with real.pose_balanced_weights (every |yaw| group 0-30 / 30-60 / 60+ "
+    "equally often) instead of uniformly: AFLW is ~60 % below 30 degrees.")
 _REAL_MAX = flags.DEFINE_integer("real_max", 0, "Use the first N training crops (0: all).")
 _REAL_MAX_FIT_ERROR = flags.DEFINE_float("real_max_fit_error", 0.03,
                                          "Drop crops whose 21-point fit error (fraction of the "
@@ -144,7 +149,8 @@ def main(argv):
   t0 = time.time()
   with open(metrics_path, "a") as log:
     for step in range(1, _STEPS.value + 1):
-      real_a, real_b = real.real_pair_batch(pair_rng, crops, n_real) if n_real else (None, None)
+      real_a, real_b = (real.real_pair_batch(pair_rng, crops, n_real, _REAL_POSE_BALANCE.value)
+                        if n_real else (None, None))
       state, m = dff_training.mixed_train_step(
           state, jax.random.fold_in(data_key, step), model, _BATCH.value, _SIZE.value,
           _MAX_YAW_DIFF.value, config, real_a=real_a, real_b=real_b)

@@ -199,3 +199,22 @@ def test_load_real_crops_keeps_training_crops_and_pairs_differ(tmp_path, model):
   ib = np.array([row[tuple(c[:3])] for c in b["coefficients"]])
   assert (ia != ib).all() and len(set(ia)) == 4 and len(set(ib)) == 4
   np.testing.assert_array_equal(a["image"], crops.images[ia])
+
+
+def test_pose_balanced_pairs_draw_every_yaw_group_equally(tmp_path, model):
+  names, _, _, yaws = test_aflw_3ddfa._write_layout(tmp_path)  # train yaws -80, -48, -16, 16
+  _write_coefficients(tmp_path / "p.npz", names, coeffs_lib.size(model.sizes))
+  crops = real.load_real_crops(tmp_path, tmp_path / "p.npz", SIZE, model=model)
+  np.testing.assert_array_equal(crops.yaw_deg, yaws[:4])
+  w = real.pose_balanced_weights(crops.yaw_deg)  # groups 2, 1, 0, 0
+  np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1 / 6, 1 / 6])
+  np.testing.assert_allclose(real.pose_balanced_weights([5.0, 10.0, 70.0]), [0.25, 0.25, 0.5])
+  row = {tuple(c[:3]): k for k, c in enumerate(crops.coefficients)}
+  rows = lambda d: np.array([row[tuple(c[:3])] for c in d["coefficients"]])
+  a, b = real.real_pair_batch(np.random.default_rng(0), crops, 6000, pose_balance=True)
+  ia, ib = rows(a), rows(b)
+  assert (ia != ib).all()
+  # the first crop of a pair follows the weights; the second is redrawn on a collision
+  np.testing.assert_allclose(np.bincount(ia, minlength=4) / 6000, w, atol=0.02)
+  a, b = real.real_pair_batch(np.random.default_rng(0), crops, 6000)
+  np.testing.assert_allclose(np.bincount(rows(a), minlength=4) / 6000, 0.25, atol=0.02)

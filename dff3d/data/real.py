@@ -102,11 +102,13 @@ class RealCrops(NamedTuple):
 
   names: M crop file names.  images: (M, S, S, 3) uint8.  coefficients: (M, P) float32 flat
   fitted vectors (dff3d.coefficients).  fit_error: (M,) float32 (fraction of the crop side).
+  yaw_deg: (M,) float32 AFLW's head yaw label, degrees.
   """
   names: list
   images: np.ndarray
   coefficients: np.ndarray
   fit_error: np.ndarray
+  yaw_deg: np.ndarray
 
 
 def _decode_resized(path, size: int) -> np.ndarray:
@@ -147,17 +149,41 @@ def load_real_crops(aflw_dir, pseudo68_path, size: int, max_crops: int = 0,
                      + (f" with fit error <= {max_fit_error}" if max_fit_error > 0 else ""))
   images = np.stack([_decode_resized(listing.image_paths[k], size) for k in rows])
   return RealCrops(names=[listing.names[k] for k in rows], images=images,
-                   coefficients=flat[rows], fit_error=err[rows])
+                   coefficients=flat[rows], fit_error=err[rows],
+                   yaw_deg=np.asarray(listing.yaw_deg, np.float32)[rows])
 
 
-def real_pair_batch(rng: np.random.Generator, crops: RealCrops, count: int):
-  """`count` pairs of two different crops, uniform: (real_a, real_b) dicts of "image"
-  (count, S, S, 3) uint8 and "coefficients" (count, P) (dff_training.mixed_pairs' input)."""
+def pose_balanced_weights(yaw_deg) -> np.ndarray:
+  """(n,) float64 sampling probabilities that give every |yaw| group (metrics.yaw_groups:
+  0-30, 30-60, 60+) the same total; a crop's weight is 1 / (its group's size x groups present).
+
+  AFLW holds ~60 % of its crops below 30 degrees, so uniform pairs are mostly small yaw
+  differences while a pose-stratified test set (aflw2000_3d_dev: 100 per group) is not.
+  """
+  group = metrics.yaw_groups(yaw_deg)
+  counts = np.bincount(group, minlength=3).astype(np.float64)
+  return 1.0 / (counts[group] * np.count_nonzero(counts))
+
+
+def real_pair_batch(rng: np.random.Generator, crops: RealCrops, count: int,
+                    pose_balance: bool = False):
+  """`count` pairs of two different crops: (real_a, real_b) dicts of "image" (count, S, S, 3)
+  uint8 and "coefficients" (count, P) (dff_training.mixed_pairs' input).
+
+  Crops are drawn uniformly, or with pose_balance each crop of a pair independently with
+  pose_balanced_weights (a pair that draws one crop twice redraws its second crop).
+  """
   n = len(crops.names)
   if n < 2:
     raise ValueError(f"real pairs need two crops or more, got {n}")
-  i = rng.integers(0, n, count)
-  j = (i + rng.integers(1, n, count)) % n  # never i
+  if pose_balance:
+    p = pose_balanced_weights(crops.yaw_deg)
+    i, j = rng.choice(n, count, p=p), rng.choice(n, count, p=p)
+    while (same := i == j).any():
+      j[same] = rng.choice(n, int(same.sum()), p=p)
+  else:
+    i = rng.integers(0, n, count)
+    j = (i + rng.integers(1, n, count)) % n  # never i
   pick = lambda k: {"image": crops.images[k], "coefficients": crops.coefficients[k]}
   return pick(i), pick(j)
 
