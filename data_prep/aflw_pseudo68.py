@@ -5,8 +5,9 @@ r"""Pseudo-68 labels for the AFLW crops: fit the model to each crop's visible 21
 
 AFLW2000-3D's own 68-point ground truth was made this way (a 3DMM fitted to AFLW's 21 points,
 then its 68 landmark vertices projected). The landmark-only fit (dff3d.data.real.fit_pseudo68:
-dff3d.fitting.fit_landmarks with the AFLW-21 set of dff3d.landmark_sets, fixed contour) runs
-batched on the gathered landmark rows only: 17,590 crops in 113 s on the 2-core CPU. Training
+dff3d.fitting.fit_landmarks with the AFLW-21 set of dff3d.landmark_sets, whose ear lobes and
+nose sides are calibrated on hand clicks, fixed contour, real.PSEUDO68_FIT_WEIGHTS priors) runs
+batched on the gathered landmark rows only: 17,590 crops in 50-115 s on the 2-core CPU. Training
 with TrainConfig(data="aflw", aflw_labels="pseudo68", aflw_pseudo68="") writes this file into
 its workdir on first use. Output (.npz, the format that
 data_prep/aflw_3ddfa_builder.py and dff3d.data.real read):

@@ -14,6 +14,14 @@ that is nearest to its mapped ground truth over all images (least squares), the 
 right points of each pair as mirror vertices of each other (the chin on the midline). The
 embedded ICT asset's JAW_VERTICES (data_prep/convert_ict.py) are this tool's output on the 16
 `aflw2000_3d_sample` images (neither dev nor test images).
+
+It also places the AFLW-21 points that have no iBUG counterpart and no 3D label, the ear lobes
+and the nose sides (landmark_sets.CALIBRATED_AFLW21): with each image fitted to its 51 inner
+points as above, a point's vertex is the one of a mirror pair whose projections lie nearest
+(least squares, in units of the face box) to the images' hand clicks (pt2d, where visible).
+Annotators click an ear lobe where it meets the cheek, 1.5 cm further forward than the lowest
+ear vertex that the geometric rule picks: on a turned head the rule's vertex pulled the
+pseudo-68 fit's jaw towards the nose (BUILD_NOTES, session 16).
 """
 
 from typing import NamedTuple
@@ -23,8 +31,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from dff3d import fitting
+from dff3d import landmark_sets
 from dff3d import metrics
 from dff3d import morphable_model as mm
+from dff3d import render as render_lib
 from dff3d.data import augment
 from dff3d.datasets import aflw2000_3d
 
@@ -48,19 +58,31 @@ class JawCalibration(NamedTuple):
   align_rms: np.ndarray
 
 
-def fitted_shapes(model, points_2d) -> np.ndarray:
-  """(B, N, 3) model-space shapes (identity and expression, no pose) fitted to each image's
-  51 inner points (no jaw point, so the result does not depend on the model's jaw vertices).
+def crop_affines(points_2d) -> np.ndarray:
+  """(B, 2, 3) photo -> CROP-pixel affines of the face boxes of (B, 68, 2) photo points."""
+  return np.stack([augment.crop_affine(augment.face_box(p), CROP)
+                   for p in np.asarray(points_2d, np.float32)])
+
+
+def fit_inner(model, points_2d):
+  """Coefficients (batched pytree) of the model fitted to each image's 51 inner points in its
+  CROP-pixel face-box crop (no jaw point, so the result does not depend on the model's jaw
+  vertices).
 
   Args:
     points_2d: (B, 68, 2) photo pixels (dff3d convention).
   """
-  crops = np.stack([augment.transform_points(augment.crop_affine(augment.face_box(p), CROP), p)
-                    for p in np.asarray(points_2d, np.float32)])
+  crops = np.stack([augment.transform_points(a, p)
+                    for a, p in zip(crop_affines(points_2d), np.asarray(points_2d, np.float32))])
   vis = np.zeros(crops.shape[:2], np.float32)
   vis[:, INNER] = 1.0
   config = fitting.FitConfig(image_size=CROP, contour="fixed", photo_steps=0)
-  c = fitting.fit_landmarks(model, crops, config, vis)
+  return fitting.fit_landmarks(model, crops.astype(np.float32), config, vis)
+
+
+def fitted_shapes(model, points_2d) -> np.ndarray:
+  """(B, N, 3) model-space shapes (identity and expression, no pose) of fit_inner."""
+  c = fit_inner(model, points_2d)
   return np.asarray(mm.shape(model, c.identity, c.expression), np.float64)
 
 
@@ -123,6 +145,70 @@ def calibrate(model, points_2d, gt_3d) -> JawCalibration:
                         rms_before=np.sqrt(cost[JAW, before]), align_rms=residual)
 
 
+class PairCalibration(NamedTuple):
+  """rows (2,) the AFLW-21 rows of a mirror pair (landmark_sets.AFLW21); vertices (2,) int
+  their chosen vertices (mirror images); rms and rms_before: RMS 2D distance of the chosen and
+  of the set's current vertices to the hand points, as a fraction of the face box size (sqrt
+  of its area); count: hand points used."""
+  rows: tuple
+  vertices: np.ndarray
+  rms: float
+  rms_before: float
+  count: int
+
+
+# AFLW-21 mirror pairs placed from hand clicks (the points a geometric rule places, see
+# landmark_sets): the ear lobes and the nose sides.
+CALIBRATED_PAIRS = ((12, 16), (13, 15))
+
+
+def click_cost(screen, hand, visible, box_size) -> np.ndarray:
+  """(N,) summed squared distance (in box sizes) of every vertex to one hand point.
+
+  Args:
+    screen: (B, N, 2) projected vertices; hand: (B, 2) the hand point, same pixels;
+    visible: (B,) bool; box_size: (B,) face box sizes in those pixels.
+  """
+  d = (screen[visible] - hand[visible][:, None]) / box_size[visible][:, None, None]
+  return np.sum(np.square(d), axis=(0, 2))
+
+
+def calibrate_aflw21(model, points_2d, hand_21, visible_21, pairs=CALIBRATED_PAIRS):
+  """AFLW-21 vertices of `model` that best reproduce hand-clicked points, per mirror pair.
+
+  Args:
+    points_2d: (B, 68, 2) photo pixels of each image's 68 ground-truth points (for the fit).
+    hand_21: (B, 21, 2) photo pixels of its AFLW-21 hand points; visible_21: (B, 21) bool.
+    pairs: AFLW-21 row pairs (left, right); the right vertex is the left one's mirror_map.
+  Returns:
+    [PairCalibration] in the order of `pairs`.
+  Raises:
+    ValueError when a pair has no visible hand point.
+  """
+  affines = crop_affines(points_2d)
+  crop_pts = lambda pts: np.stack([augment.transform_points(a, p) for a, p in zip(affines, pts)])
+  gt, hand = crop_pts(np.asarray(points_2d, np.float64)), crop_pts(np.asarray(hand_21, np.float64))
+  box_size = np.sqrt(np.prod(gt.max(1) - gt.min(1), axis=-1))
+  _, screen, _ = render_lib.camera_vertices(model, fit_inner(model, points_2d), (CROP, CROP))
+  screen = np.asarray(screen, np.float64)[..., :2]
+  visible_21 = np.asarray(visible_21, bool)
+  mirror = mirror_map(model.mean_shape)
+  ids, _ = landmark_sets.AFLW21.vertices(model)
+  out = []
+  for a, b in pairs:
+    count = int(visible_21[:, [a, b]].sum())
+    if count == 0:
+      raise ValueError(f"AFLW-21 points {a} and {b}: no visible hand click to calibrate on")
+    left, right = (click_cost(screen, hand[:, k], visible_21[:, k], box_size) for k in (a, b))
+    total = left + right[mirror]
+    best = int(np.argmin(total))
+    before = left[ids[a, 0]] + right[ids[b, 0]]
+    out.append(PairCalibration(rows=(a, b), vertices=np.array([best, mirror[best]]),
+                               rms=float(np.sqrt(total[best] / count)),
+                               rms_before=float(np.sqrt(before / count)), count=count))
+  return out
+
+
 def load_labels(directory) -> np.ndarray:
   """(B, 68, 3) pt3d_68 of an AFLW2000-3D folder, x and y moved to dff3d's pixel convention
   (+ 0.5); a .mat that does not load is one printed line and left out."""
@@ -140,6 +226,24 @@ def load_labels(directory) -> np.ndarray:
   return np.stack(out)
 
 
+def load_hand_points(directory):
+  """(pt3d (B, 68, 3), pt2d (B, 21, 2), visible (B, 21) bool) of the AFLW2000-3D files that
+  hold AFLW's 21 hand points, x and y + 0.5 as load_labels; others are left out."""
+  rows = []
+  for _, mat in aflw2000_3d.list_aflw2000_3d(directory).pairs:
+    try:
+      lab = aflw2000_3d.load_aflw2000_3d_mat(mat)
+    except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError):
+      continue  # load_labels printed it
+    if lab.get("pt2d") is not None:
+      pts = lab["landmarks_3d"].astype(np.float64)
+      pts[:, :2] += 0.5
+      rows.append((pts, lab["pt2d"].astype(np.float64) + 0.5, lab["pt2d_visible"]))
+  if not rows:
+    raise app.UsageError(f"{directory}: no AFLW2000-3D file with 21 hand points (pt2d)")
+  return tuple(np.stack(a) for a in zip(*rows))
+
+
 def main(argv):
   del argv
   gt = load_labels(_DATA.value)
@@ -150,6 +254,12 @@ def main(argv):
   print("jaw vertices:", tuple(int(v) for v in cal.vertices))
   print(f"RMS distance to the labels: {cal.rms.mean():.2f} {model.units} "
         f"(the model's current jaw vertices: {cal.rms_before.mean():.2f})")
+  pt3d, pt2d, visible = load_hand_points(_DATA.value)
+  for cal in calibrate_aflw21(model, pt3d[..., :2], pt2d, visible):
+    names = " / ".join(landmark_sets.AFLW21.point_names[k] for k in cal.rows)
+    print(f"AFLW-21 {names}: vertices {tuple(int(v) for v in cal.vertices)} (RMS distance to "
+          f"{cal.count} hand clicks {100 * cal.rms:.1f} % of the face box; the set's current "
+          f"vertices {100 * cal.rms_before:.1f} %)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ How the non-iBUG vertices were chosen and checked is in BUILD_NOTES.md ("Landmar
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Sequence
 
 import flax
@@ -80,6 +81,24 @@ def _ibug68_vertices(model):
   return _rows([[int(v)] for v in np.asarray(model.landmarks)])
 
 
+# AFLW-21 vertices placed from hand clicks on the 16 aflw2000_3d_sample images (`python -m
+# data_prep.calibrate_jaw`; neither dev nor test), for the points that a geometric rule below
+# places otherwise: the ear lobes (rows 12, 16) and the nose sides (13, 15). Keyed by mesh_key,
+# so a model whose shape differs at all (another model, an edited mean face) gets the rules.
+# Annotators click an ear lobe where it meets the cheek: on the ICT mesh 1.5 cm further
+# forward, 1 cm further in and 0.4 cm lower than the rule's lowest ear vertex (RMS distance to
+# the clicks 7.3 % of the face box against 12.9 %); with the rule's vertex the pseudo-68 fit
+# placed a turned head's jaw too near the nose. The clicked nose sides lie 0.4 cm lower than
+# the rule's alar vertex (2.2 against 3.7 %). BUILD_NOTES, session 16.
+CALIBRATED_AFLW21 = {"8dd0cb0070a6bdf7": {12: 7846, 16: 7119, 13: 4560, 15: 5025}}  # ICT
+
+
+def mesh_key(model) -> str:
+  """Fingerprint of a model's mean face: the first 16 hex digits of the SHA-1 of its float32
+  (N, 3) mean_shape bytes."""
+  return hashlib.sha1(np.asarray(model.mean_shape, np.float32).tobytes()).hexdigest()[:16]
+
+
 def _ear_lobe(model, side: float) -> list:
   """[vertex id] of the ear lobe on one side (side -1: -x, the subject's right), or [] when
   the model has no ear.
@@ -87,6 +106,7 @@ def _ear_lobe(model, side: float) -> list:
   The ear is taken as the vertices standing out sideways beyond 1.08 x the |x| of the upper
   jaw landmark (iBUG 0 / 16, where the jaw meets the ear; on the ICT mean face 7.36 cm, the
   head surface there reaches ~7.9 cm and the ear rim 9.2 cm); the lobe is the lowest of them.
+  (Models in CALIBRATED_AFLW21 use their calibrated vertex instead.)
   """
   v = np.asarray(model.mean_shape, np.float64)
   jaw = v[np.asarray(model.landmarks)[0 if side < 0 else 16]]
@@ -120,6 +140,8 @@ def _aflw21_vertices(model):
             one(36), ids[36:42], one(39), one(42), ids[42:48], one(45),
             _ear_lobe(model, -1.0), _alar(model, -1.0), one(30), _alar(model, 1.0),
             _ear_lobe(model, 1.0), one(48), [ids[62], ids[66]], one(54), one(8)]
+  for row, vertex in CALIBRATED_AFLW21.get(mesh_key(model), {}).items():
+    groups[row] = [vertex]
   return _rows(groups)
 
 

@@ -67,14 +67,28 @@ def test_aflw21_vertex_rules_on_ict(model):
   np.testing.assert_array_equal(np.sort(ids[7]), np.sort(lmk[36:42]))
   np.testing.assert_allclose(mix[7], 1 / 6)
   assert set(ids[18, :2]) == {lmk[62], lmk[66]}
-  # Ear lobes: outside the jaw's upper end, below it, on their own side.
+  # Ear lobes and nose sides: the embedded model's calibrated pairs (mirror images); any other
+  # mean face gets the geometric rules.
+  calibrated = ls.CALIBRATED_AFLW21[ls.mesh_key(model)]
+  assert {k: int(ids[k, 0]) for k in calibrated} == calibrated
+  for a, b in [(12, 16), (13, 15)]:
+    np.testing.assert_allclose(v[ids[a, 0]] * [-1, 1, 1], v[ids[b, 0]], atol=1e-3)
+  moved = model.replace(mean_shape=model.mean_shape + jnp.array([0.0, 1e-3, 0.0]))
+  assert ls.mesh_key(moved) not in ls.CALIBRATED_AFLW21
+  rule, _ = ls.AFLW21.vertices(moved)
+  # Ear lobes: below the jaw's upper end on their own side; the rule's lobe also outside it,
+  # the calibrated one in front of the rule's (where the lobe meets the cheek).
   for k, side, jaw in [(12, -1, 0), (16, 1, 16)]:
-    p = v[ids[k, 0]]
+    assert side * v[ids[k, 0], 0] > 0 and v[ids[k, 0], 1] < v[lmk[jaw], 1]
+    p = v[rule[k, 0]]
     assert side * p[0] > abs(v[lmk[jaw], 0]) and p[1] < v[lmk[jaw], 1]
-  # Nose sides: more lateral than the nostril base, less than twice its distance to the tip.
-  for k, base in [(13, 31), (15, 35)]:
-    x, xb = abs(v[ids[k, 0], 0]), abs(v[lmk[base], 0])
-    assert xb < x < 2 * xb
+    assert v[ids[k, 0], 2] > p[2] + 1.0
+  # Nose sides: more lateral than the nostril base, less than twice its distance to the tip
+  # (the rule's and the calibrated ones).
+  for table in (ids, rule):
+    for k, base in [(13, 31), (15, 35)]:
+      x, xb = abs(v[table[k, 0], 0]), abs(v[lmk[base], 0])
+      assert xb < x < 2 * xb
 
 
 def test_missing_points_get_no_weight(model):
