@@ -89,7 +89,7 @@ def _ibug68_vertices(model):
 # forward, 1 cm further in and 0.4 cm lower than the rule's lowest ear vertex (RMS distance to
 # the clicks 7.3 % of the face box against 12.9 %); with the rule's vertex the pseudo-68 fit
 # placed a turned head's jaw too near the nose. The clicked nose sides lie 0.4 cm lower than
-# the rule's alar vertex (2.2 against 3.7 %). BUILD_NOTES, session 16.
+# the rule's alar vertex (2.5 against 3.7 %). BUILD_NOTES, session 16.
 CALIBRATED_AFLW21 = {"8dd0cb0070a6bdf7": {12: 7846, 16: 7119, 13: 4560, 15: 5025}}  # ICT
 
 
