@@ -64,25 +64,29 @@ def crop_affines(points_2d) -> np.ndarray:
                    for p in np.asarray(points_2d, np.float32)])
 
 
-def fit_inner(model, points_2d):
-  """Coefficients (batched pytree) of the model fitted to each image's 51 inner points in its
-  CROP-pixel face-box crop (no jaw point, so the result does not depend on the model's jaw
-  vertices).
+def crop_points(affines, points) -> np.ndarray:
+  """(B, K, 2) float32: each image's (K, 2) photo points through its (2, 3) crop affine."""
+  return np.stack([augment.transform_points(a, p)
+                   for a, p in zip(affines, np.asarray(points, np.float64))]).astype(np.float32)
+
+
+def fit_inner(model, crop_68):
+  """Coefficients (batched pytree) of the model fitted to each image's 51 inner points (no jaw
+  point, so the result does not depend on the model's jaw vertices).
 
   Args:
-    points_2d: (B, 68, 2) photo pixels (dff3d convention).
+    crop_68: (B, 68, 2) the 68 points in CROP-pixel face-box crops (crop_points).
   """
-  crops = np.stack([augment.transform_points(a, p)
-                    for a, p in zip(crop_affines(points_2d), np.asarray(points_2d, np.float32))])
-  vis = np.zeros(crops.shape[:2], np.float32)
+  vis = np.zeros(crop_68.shape[:2], np.float32)
   vis[:, INNER] = 1.0
   config = fitting.FitConfig(image_size=CROP, contour="fixed", photo_steps=0)
-  return fitting.fit_landmarks(model, crops.astype(np.float32), config, vis)
+  return fitting.fit_landmarks(model, np.asarray(crop_68, np.float32), config, vis)
 
 
 def fitted_shapes(model, points_2d) -> np.ndarray:
-  """(B, N, 3) model-space shapes (identity and expression, no pose) of fit_inner."""
-  c = fit_inner(model, points_2d)
+  """(B, N, 3) model-space shapes (identity and expression, no pose) fitted (fit_inner) to
+  each image's (68, 2) photo points (dff3d convention) in its face-box crop."""
+  c = fit_inner(model, crop_points(crop_affines(points_2d), points_2d))
   return np.asarray(mm.shape(model, c.identity, c.expression), np.float64)
 
 
@@ -186,10 +190,9 @@ def calibrate_aflw21(model, points_2d, hand_21, visible_21, pairs=CALIBRATED_PAI
     ValueError when a pair has no visible hand point.
   """
   affines = crop_affines(points_2d)
-  crop_pts = lambda pts: np.stack([augment.transform_points(a, p) for a, p in zip(affines, pts)])
-  gt, hand = crop_pts(np.asarray(points_2d, np.float64)), crop_pts(np.asarray(hand_21, np.float64))
+  gt, hand = crop_points(affines, points_2d), crop_points(affines, hand_21)
   box_size = np.sqrt(np.prod(gt.max(1) - gt.min(1), axis=-1))
-  _, screen, _ = render_lib.camera_vertices(model, fit_inner(model, points_2d), (CROP, CROP))
+  _, screen, _ = render_lib.camera_vertices(model, fit_inner(model, gt), (CROP, CROP))
   screen = np.asarray(screen, np.float64)[..., :2]
   visible_21 = np.asarray(visible_21, bool)
   mirror = mirror_map(model.mean_shape)
@@ -209,44 +212,44 @@ def calibrate_aflw21(model, points_2d, hand_21, visible_21, pairs=CALIBRATED_PAI
   return out
 
 
-def load_labels(directory) -> np.ndarray:
-  """(B, 68, 3) pt3d_68 of an AFLW2000-3D folder, x and y moved to dff3d's pixel convention
-  (+ 0.5); a .mat that does not load is one printed line and left out."""
+def read_labels(directory) -> list:
+  """The load_aflw2000_3d_mat dicts of an AFLW2000-3D folder, each with "pt3d": its (68, 3)
+  pt3d_68 with x and y moved to dff3d's pixel convention (+ 0.5); a .mat that does not load is
+  one printed line and left out."""
   out = []
   for _, mat in aflw2000_3d.list_aflw2000_3d(directory).pairs:
     try:
-      pts = aflw2000_3d.load_aflw2000_3d_mat(mat)["landmarks_3d"].astype(np.float64)
+      lab = aflw2000_3d.load_aflw2000_3d_mat(mat)
     except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError) as e:
       print(str(e).splitlines()[0])
       continue
+    pts = lab["landmarks_3d"].astype(np.float64)
     pts[:, :2] += 0.5
-    out.append(pts)
+    out.append({**lab, "pt3d": pts})
   if not out:
     raise app.UsageError(f"{directory}: no readable AFLW2000-3D labels")
-  return np.stack(out)
+  return out
 
 
-def load_hand_points(directory):
-  """(pt3d (B, 68, 3), pt2d (B, 21, 2), visible (B, 21) bool) of the AFLW2000-3D files that
-  hold AFLW's 21 hand points, x and y + 0.5 as load_labels; others are left out."""
-  rows = []
-  for _, mat in aflw2000_3d.list_aflw2000_3d(directory).pairs:
-    try:
-      lab = aflw2000_3d.load_aflw2000_3d_mat(mat)
-    except (aflw2000_3d.DatasetFormatError, aflw2000_3d.DatasetNotFoundError):
-      continue  # load_labels printed it
-    if lab.get("pt2d") is not None:
-      pts = lab["landmarks_3d"].astype(np.float64)
-      pts[:, :2] += 0.5
-      rows.append((pts, lab["pt2d"].astype(np.float64) + 0.5, lab["pt2d_visible"]))
+def hand_points(labels, directory=""):
+  """(pt3d (B, 68, 3), pt2d (B, 21, 2), visible (B, 21) bool) of the read_labels entries that
+  hold AFLW's 21 hand points, pt2d + 0.5 as pt3d; the others are left out."""
+  rows = [(lab["pt3d"], lab["pt2d"].astype(np.float64) + 0.5, lab["pt2d_visible"])
+          for lab in labels if lab.get("pt2d") is not None]
   if not rows:
     raise app.UsageError(f"{directory}: no AFLW2000-3D file with 21 hand points (pt2d)")
   return tuple(np.stack(a) for a in zip(*rows))
 
 
+def load_hand_points(directory):
+  """hand_points of read_labels(directory)."""
+  return hand_points(read_labels(directory), directory)
+
+
 def main(argv):
   del argv
-  gt = load_labels(_DATA.value)
+  labels = read_labels(_DATA.value)
+  gt = np.stack([lab["pt3d"] for lab in labels])
   model = mm.default_model()
   cal = calibrate(model, gt[..., :2], gt)
   print(f"{len(gt)} images; inner-point alignment RMS median {np.median(cal.align_rms):.2f} "
@@ -254,7 +257,7 @@ def main(argv):
   print("jaw vertices:", tuple(int(v) for v in cal.vertices))
   print(f"RMS distance to the labels: {cal.rms.mean():.2f} {model.units} "
         f"(the model's current jaw vertices: {cal.rms_before.mean():.2f})")
-  pt3d, pt2d, visible = load_hand_points(_DATA.value)
+  pt3d, pt2d, visible = hand_points(labels, _DATA.value)
   for cal in calibrate_aflw21(model, pt3d[..., :2], pt2d, visible):
     names = " / ".join(landmark_sets.AFLW21.point_names[k] for k in cal.rows)
     print(f"AFLW-21 {names}: vertices {tuple(int(v) for v in cal.vertices)} (RMS distance to "

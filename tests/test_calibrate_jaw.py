@@ -10,7 +10,6 @@ from dff3d import camera
 from dff3d import landmark_sets
 from dff3d import metrics
 from dff3d import morphable_model as mm
-from dff3d.data import augment
 from dff3d.data import real
 from tests.conftest import AFLW_SAMPLE_DIR, require
 
@@ -104,8 +103,7 @@ def test_pseudo68_of_the_sample_hand_clicks_matches_their_ground_truth():
   pseudo-68 priors; the rules' vertices at the per-image fit's priors gave 4.87 %."""
   pt3d, pt2d, visible = calibrate_jaw.load_hand_points(require(AFLW_SAMPLE_DIR))
   affines = calibrate_jaw.crop_affines(pt3d[..., :2])
-  crop = lambda pts: np.stack([augment.transform_points(a, p)
-                               for a, p in zip(affines, pts)]).astype(np.float32)
+  crop = lambda pts: calibrate_jaw.crop_points(affines, pts)
   p68, _ = real.fit_pseudo68(mm.default_model(), crop(pt2d), visible, calibrate_jaw.CROP)
   nme = metrics.nme_2d(p68, crop(pt3d[..., :2]))
   assert len(nme) == 16 and np.mean(nme) < 0.037
