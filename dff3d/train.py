@@ -517,9 +517,7 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
   return fn
 
 
-# Relative noise on the kernels of a widened network (light.widen), so the channel copies can
-# part; on run 7's file 1 % moves the outputs by 0.006 on average (BUILD_NOTES, "Session 15").
-WIDEN_NOISE = 0.02
+WIDEN_NOISE = light.WIDEN_NOISE
 
 
 def load_init_params(config: TrainConfig, model: mm.MorphableModel):

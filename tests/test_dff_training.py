@@ -142,3 +142,21 @@ def test_frozen_dff_gives_no_gradient_to_params(tmp_path):
   assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree_util.tree_leaves(g))
   gx = jax.jit(jax.grad(lambda im: jnp.sum(dff(im)[..., 0])))(x)
   assert float(jnp.abs(gx).max()) > 0.0
+
+
+def test_train_dff_init_widens_a_half_width_file_and_refuses_others(tmp_path):
+  from absl import app
+  from experiments import train_dff
+  net = dff_lib.DFFNet(width=4, levels=2, descriptor_dim=8)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  path = tmp_path / "narrow.npz"
+  dff_lib.save_dff_params(path, params, net, dtype=np.float32)
+  same = train_dff.initial_params(path, net, 0)
+  np.testing.assert_array_equal(same["out"]["kernel"], params["out"]["kernel"])
+  wide = net.clone(width=8)
+  got = train_dff.initial_params(path, wide, 3)
+  _, expected = dff_lib.widen(params, net, jax.random.PRNGKey(3), train_dff.WIDEN_NOISE)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(app.UsageError, match="narrow.npz.*neither"):
+    train_dff.initial_params(path, net.clone(width=12), 0)

@@ -413,3 +413,30 @@ def test_input_window_hides_the_outside_and_keeps_the_parameters(model, backbone
   assert not np.allclose(g(params, x), g(params, outside))   # the window is what hides it
   np.testing.assert_allclose(f(params, x), g(params, x * heads.window_mask(32, 32, window)
                                               [None, :, :, None]), rtol=1e-6, atol=1e-6)
+
+
+def test_dff_widen_keeps_the_function_and_noise_lets_the_copies_part(small_dff):
+  net, params = small_dff
+  # Random norm scales / biases and output bias: every copy's statistics and input matter.
+  flat = traverse_util.flatten_dict(params)
+  for i, path in enumerate(p for p in flat if p[-1] in ("scale", "bias")):
+    flat[path] = jax.random.uniform(jax.random.PRNGKey(20 + i), flat[path].shape, minval=0.5)
+  params = traverse_util.unflatten_dict(flat)
+  wide, widened = dff.widen(params, net)
+  assert wide == dff.DFFNet(**dict(SMALL_DFF, width=16))
+  x = jax.random.uniform(jax.random.PRNGKey(5), (2, 32, 32, 3))
+  shapes = lambda t: jax.tree_util.tree_map(np.shape, t)
+  assert shapes(widened) == shapes(shape_init(wide, x)["params"])
+  a = np.asarray(net.apply({"params": params}, x))
+  b = np.asarray(wide.apply({"params": widened}, x))
+  np.testing.assert_allclose(b, a, atol=2e-5)
+  _, noisy = dff.widen(params, net, jax.random.PRNGKey(2), noise=0.02)
+  k = np.asarray(noisy["dec1"]["conv0"]["kernel"])  # reads concat(up, skip), both copied
+  i = light.duplicate_index(k.shape[-1] // 2)
+  first = np.flatnonzero(i == 0)
+  assert len(first) == 2 and not np.allclose(k[..., first[0]], k[..., first[1]])
+  c = np.asarray(wide.apply({"params": noisy}, x))
+  cos = np.sum(a * c, -1)
+  assert 0.9 < cos.mean() < 1.0 - 1e-7
+  with pytest.raises(ValueError, match="max_width 32 caps"):
+    dff.widen(params, net.clone(max_width=32))

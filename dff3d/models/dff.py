@@ -41,6 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from dff3d.models import heads
+from dff3d.models import light
 from dff3d.models.light import num_groups
 
 CONFIG_KEY = "__config__"
@@ -118,6 +119,45 @@ class DFFNet(nn.Module):
       x = _ConvBlock(self.channels(l), self.norm, last_relu=l > 0, name=f"dec{l}")(x)
     x = nn.Conv(self.descriptor_dim, (1, 1), name="out")(x)
     return l2_normalize(x)
+
+
+def widen(params, net: DFFNet, key=None, noise: float = 0.0) -> Tuple[DFFNet, dict]:
+  """A DFFNet's params -> (the net of twice its width, its params), the same function.
+
+  Net2WiderNet as `light.widen`: every channel is duplicated in the layout of
+  `light.duplicate_index` (so each GroupNorm group keeps its statistics), kernels reading
+  duplicated channels are halved over the copies (the decoder's first conv reads
+  concat(up-conv, skip), both duplicated), GroupNorm and bias vectors are copied; the RGB input
+  and the descriptor output keep their channels. `noise` > 0 (with `key`) perturbs every kernel
+  by that fraction of its std so the copies can part when trained.
+
+  Args:
+    params: `net`'s params. net: a DFFNet whose every level doubles exactly (not capped by
+      max_width at twice the width).
+  Returns:
+    (DFFNet(width=2 * net.width, ...), params of the same names, float32).
+  """
+  wide = net.clone(width=2 * net.width)
+  if any(wide.channels(l) != 2 * net.channels(l) for l in range(net.levels + 1)):
+    raise ValueError(f"widen: max_width {net.max_width} caps the width-{wide.width} network, "
+                     "so its channels do not double")
+  dup = light.duplicate_index
+
+  def one(path, x):
+    block, leaf = path[0], path[-1]
+    if x.ndim == 1:                                  # GroupNorm scale / bias, conv biases
+      return (x if block == "out" else x[dup(x.shape[0])]), False
+    ci = x.shape[2]
+    if block == "enc0" and path[1] == "conv0":       # reads RGB
+      x_in = x
+    elif block.startswith("dec") and path[1] == "conv0":  # reads concat(up, skip)
+      half = ci // 2
+      x_in = x[:, :, np.concatenate([dup(half), half + dup(half)])] / 2.0
+    else:
+      x_in = x[:, :, dup(ci)] / 2.0
+    return (x_in if block == "out" else x_in[..., dup(x.shape[3])]), leaf == "kernel"
+
+  return wide, light.widen_params(params, one, key, noise)
 
 
 # ---- parameter files ----------------------------------------------------------------------

@@ -86,6 +86,12 @@ def doubles(width: float) -> bool:
   return all(scaled(c, 2 * width) == 2 * scaled(c, width) for c in counts)
 
 
+# Relative noise on the kernels of a widened network (widen, models.dff.widen), so the channel
+# copies can part; on run 7's file 1 % moves the outputs by 0.006 on average (BUILD_NOTES,
+# "Session 15").
+WIDEN_NOISE = 0.02
+
+
 def widen(params, key=None, noise: float = 0.0):
   """A light network's params -> those of the network of twice its width, same function.
 
@@ -102,27 +108,38 @@ def widen(params, key=None, noise: float = 0.0):
   Returns:
     the params of the same network at width 2 w (same names, float32 arrays).
   """
-  if noise and key is None:
-    raise ValueError("widen: noise > 0 needs a key")
-  flat = traverse_util.flatten_dict(params)
-  channels = flat[("stage4_block2", "conv2", "kernel")].shape[-1]
-  keys = iter(jax.random.split(key, len(flat)) if noise else [None] * len(flat))
-  out = {}
-  for path in sorted(flat):  # the noise of a kernel depends on its name, not dict order
-    x = np.asarray(flat[path], np.float32)
+  channels = params["stage4_block2"]["conv2"]["kernel"].shape[-1]
+
+  def one(path, x):
     conv = path[0] != "head" and path[-1] == "kernel"         # (kh, kw, Ci, Co)
     if path == ("head", "dense", "kernel"):                   # (cells * C, P)
       cells = x.shape[0] // channels
       x = x.reshape(cells, channels, -1)[:, duplicate_index(channels)] / 2.0
-      x = x.reshape(cells * 2 * channels, -1)
-    elif conv:
+      return x.reshape(cells * 2 * channels, -1), False
+    if conv:
       if path[0] != "stem":                                  # the stem reads RGB
         x = x[:, :, duplicate_index(x.shape[2])] / 2.0
-      x = x[..., duplicate_index(x.shape[3])]
-    elif path[0] != "head":                                  # GroupNorm scale / bias (C,)
-      x = x[duplicate_index(x.shape[0])]
+      return x[..., duplicate_index(x.shape[3])], True
+    if path[0] != "head":                                    # GroupNorm scale / bias (C,)
+      return x[duplicate_index(x.shape[0])], False
+    return x, False
+
+  return widen_params(params, one, key, noise)
+
+
+def widen_params(params, one, key=None, noise: float = 0.0):
+  """Apply `one(path, x) -> (wide x, is_kernel)` to every parameter (float32 numpy) of a
+  pytree; kernels get N(0, (noise * std)^2) noise (a key per name, so the draw does not
+  depend on dict order). The Net2WiderNet loop of `widen` and `models.dff.widen`."""
+  if noise and key is None:
+    raise ValueError("widen: noise > 0 needs a key")
+  flat = traverse_util.flatten_dict(params)
+  keys = iter(jax.random.split(key, len(flat)) if noise else [None] * len(flat))
+  out = {}
+  for path in sorted(flat):
+    x, kernel = one(path, np.asarray(flat[path], np.float32))
     k = next(keys)
-    if noise and conv:
+    if noise and kernel:
       x = x + noise * x.std() * np.asarray(jax.random.normal(k, x.shape))
     out[path] = jnp.asarray(x)
   return traverse_util.unflatten_dict(out)
