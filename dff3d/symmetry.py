@@ -17,6 +17,8 @@ image gives two estimates of one face, averaged in coefficient space (BUILD_NOTE
 "Session 14").
 """
 
+import hashlib
+
 import flax
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +91,35 @@ def _basis_mirror(basis, mean, perm, flip_x: bool):
   return m.astype(np.float32), offset.astype(np.float32), rms
 
 
+# mirror_maps results by model_fingerprint: the least squares take ~2.5 s for the ICT model,
+# and every flip-averaged load_regressor needs them.
+_MAPS_CACHE: dict = {}
+_MAPS_CACHE_SIZE = 4
+
+
+def model_fingerprint(model) -> str:
+  """SHA-1 of the arrays mirror_maps reads (~40 ms for the ICT model)."""
+  h = hashlib.sha1()
+  for a in (model.mean_shape, model.identity_basis, model.expression_basis,
+            model.albedo_basis, model.albedo_mean):
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
 def mirror_maps(model) -> MirrorMaps:
-  """The MirrorMaps of a morphable model (NumPy, float64 least squares; compute once)."""
+  """The MirrorMaps of a morphable model (NumPy, float64 least squares), computed once per
+  model: later calls with the same arrays return the cached maps."""
+  key = model_fingerprint(model)
+  if key not in _MAPS_CACHE:
+    if len(_MAPS_CACHE) >= _MAPS_CACHE_SIZE:
+      _MAPS_CACHE.pop(next(iter(_MAPS_CACHE)))
+    _MAPS_CACHE[key] = _compute_mirror_maps(model)
+  return _MAPS_CACHE[key]
+
+
+def _compute_mirror_maps(model) -> MirrorMaps:
   perm = vertex_mirror(model.mean_shape)
   ident = _basis_mirror(model.identity_basis, model.mean_shape, perm, True)
   expr = _basis_mirror(model.expression_basis, model.mean_shape, perm, True)

@@ -124,3 +124,14 @@ def test_flip_averaged_regressor_is_flip_equivariant(tmp_path, model, maps):
   want = symmetry.flip_average(plain(x), plain(flipped), maps)
   for f in coeffs_lib.FIELDS:
     np.testing.assert_allclose(getattr(avg(x), f), getattr(want, f), atol=2e-4, rtol=1e-4)
+
+
+def test_mirror_maps_are_cached_per_model_arrays(model, maps):
+  assert symmetry.mirror_maps(model) is maps  # same arrays: the cached maps
+  edited = model.replace(albedo_basis=model.albedo_basis * 2.0)
+  assert symmetry.model_fingerprint(edited) != symmetry.model_fingerprint(model)
+  other = symmetry.mirror_maps(edited)
+  assert other is not maps
+  # a basis twice as long: the same mirror map, in its own cache entry
+  np.testing.assert_allclose(other.albedo, maps.albedo, atol=1e-5)
+  np.testing.assert_array_equal(other.vertex, maps.vertex)
