@@ -1,11 +1,12 @@
 r"""Training-step throughput (network + rendering + DFF + losses + Adam), as JSON lines.
 
-  python -m benchmarks.train_step [--configs=cpu,paper] [--steps=3]
+  python -m benchmarks.train_step [--configs=cpu,paper] [--steps=3] [--dff_paths=a.npz,b.npz]
 
-For each config: "config", "backbone", "image_size", "batch", "dff" (the DFF used: the shipped
-weights, or an untrained net of the same shape when they are missing), "images_per_s"
-(median over --steps timed steps after one compiling step), "step_ms", "compile_s",
-"device". Inputs are random crops with random landmarks: the cost does not depend on content.
+For each config (and each --dff_paths file): "config", "backbone", "image_size", "batch", "dff"
+(the DFF used: the shipped weights or a --dff_paths file, or an untrained net of the default
+shape when they are missing), "images_per_s" (median over --steps timed steps after one
+compiling step), "step_ms", "compile_s", "device". Inputs are random crops with random
+landmarks: the cost does not depend on content.
 """
 
 import json
@@ -26,6 +27,8 @@ from experiments import configs
 _CONFIGS = flags.DEFINE_list("configs", ["cpu", "paper"], "Configs to time.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Override the configs' batch size.")
+_DFF_PATHS = flags.DEFINE_list("dff_paths", None, "DFF .npz files to time in turn (default: "
+                               "the config's, i.e. the shipped one).")
 _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. photo=0,dff=0 "
                              "(L_land only: no rendering).")
 
@@ -33,7 +36,8 @@ _WEIGHTS = flags.DEFINE_list("loss_weights", None, "Override loss weights, e.g. 
 def dff_for(config):
   path = config.dff_path or os.path.join(mm.ASSET_DIR, "dff.npz")
   if os.path.isfile(path):
-    return train._frozen_dff(path), "shipped"  # pylint: disable=protected-access
+    kind = "shipped" if not config.dff_path else path
+    return train._frozen_dff(path), kind  # pylint: disable=protected-access
   net = dff_lib.DFFNet()
   params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   return (lambda im: dff_lib.frozen_apply(net, params, im)), "untrained-default"
@@ -41,8 +45,10 @@ def dff_for(config):
 
 def main(_):
   model = mm.default_model()
-  for name in _CONFIGS.value:
+  for name, dff_path in [(c, p) for c in _CONFIGS.value for p in (_DFF_PATHS.value or [None])]:
     config = configs.get_config(name)
+    if dff_path:
+      config = config.replace(dff_path=dff_path)
     if _BATCH.value:
       config = config.replace(batch_size=_BATCH.value)
     if _WEIGHTS.value:

@@ -17,6 +17,7 @@ from dff3d import distributed
 from dff3d import losses
 from dff3d import morphable_model as mm
 from dff3d import train
+from dff3d.models import dff as dff_lib
 from dff3d.models import heads
 from dff3d.models import light
 from experiments import configs
@@ -35,6 +36,8 @@ _VAL = flags.DEFINE_string("val_data", None, "Override: TFDS dataset dir for val
 _NTRAIN = flags.DEFINE_integer("synthetic_train", None, "Override: synthetic training examples.")
 _NVAL = flags.DEFINE_integer("synthetic_val", None, "Override: synthetic validation examples.")
 _DFF = flags.DEFINE_bool("use_dff", None, "Override: use the DFF loss.")
+_DFF_PATH = flags.DEFINE_string("dff_path", None, "Override: the frozen DFF's .npz for L_dff "
+                                "(default: the shipped dff3d/assets/dff.npz).")
 _EVAL = flags.DEFINE_integer("eval_every_steps", None, "Override: evaluation interval.")
 _CKPT = flags.DEFINE_integer("checkpoint_every_steps", None, "Override: checkpoint interval.")
 _SEED = flags.DEFINE_integer("seed", None, "Override: seed.")
@@ -90,7 +93,7 @@ def main(argv):
   overrides = {"batch_size": _BATCH.value, "learning_rate": _LR.value,
                "num_epochs": _EPOCHS.value, "image_size": _SIZE.value, "data": _DATA.value,
                "val_data": _VAL.value, "synthetic_train": _NTRAIN.value,
-               "synthetic_val": _NVAL.value, "use_dff": _DFF.value,
+               "synthetic_val": _NVAL.value, "use_dff": _DFF.value, "dff_path": _DFF_PATH.value,
                "eval_every_steps": _EVAL.value, "checkpoint_every_steps": _CKPT.value,
                "seed": _SEED.value, "aflw_pseudo68": _PSEUDO.value, "aflw_labels": _LABELS.value,
                "aflw_dir": _AFLW_DIR.value, "aflw_max_train": _MAX_TRAIN.value,
@@ -115,6 +118,11 @@ def main(argv):
       config = config.replace(weights=train.parse_weights(config.weights, _WEIGHTS.value))
     except ValueError as e:
       raise app.UsageError(f"--loss_weights: {e}") from None
+  if config.dff_path:
+    try:
+      dff_lib.load_dff(config.dff_path)
+    except dff_lib.DFFFileError as e:
+      raise app.UsageError(f"--dff_path: {e}") from None
   if config.init_params:
     try:
       train.load_init_params(config, mm.default_model())

@@ -331,7 +331,9 @@ def test_box_jitter_reaches_the_training_crops_only(sources):
 
 @pytest.mark.parametrize("flag,message", [
     ("--box_jitter_prob=1.5", "--box_jitter_prob: 1.5 is not in [0, 1]"),
-    ("--input_window=0.5,0,0.4,1", "--input_window: input window")])
+    ("--input_window=0.5,0,0.4,1", "--input_window: input window"),
+    ("--dff_path=/nonexistent/dff.npz",
+     "--dff_path: /nonexistent/dff.npz: DFF parameter file not found")])
 def test_launcher_rejects_a_bad_setting_in_one_line(tmp_path, flag, message):
   import subprocess
   import sys
