@@ -376,7 +376,7 @@ def main(argv=None):
     nets["trained_f32"] = dff_lib.load_dff(args.f32_weights)
     names.insert(names.index("trained") + 1 if "trained" in names else 0, "trained_f32")
   if "untrained" in names:
-    ref = next(iter(nets.values()))[0] if nets else dff_lib.DFFNet(width=8)
+    ref = next(iter(nets.values()))[0] if nets else dff_lib.DFFNet(width=16)  # shipped shape
     x = jnp.zeros((1, args.image_size, args.image_size, 3))
     nets["untrained"] = (ref, jax.jit(ref.init)(jax.random.key(7, impl="unsafe_rbg"), x)["params"])
   def apply(net, prm, im):

@@ -1,7 +1,7 @@
 r"""Train the DFF network on synthetic pose pairs (and real AFLW pairs) and write its weights.
 
   python -m experiments.train_dff --workdir=/tmp/dff --steps=3000 --batch_size=8 \
-      --image_size=96 --width=8 --output=dff3d/assets/dff.npz
+      --image_size=96 --width=8 --output=/tmp/dff/dff.npz
 
 Every step renders `batch_size` fresh pairs of views of random faces (dff3d.synthetic.pose_pairs,
 |yaw difference| uniform up to --max_yaw_diff degrees) and takes one Adam step on the dense
@@ -14,14 +14,16 @@ aflw_3ddfa.split_of is "validation" are never loaded), drawn per step with a num
 of data_prep.aflw_pseudo68 with its "coefficients"), rendered as a synthetic view is
 (dff_training.real_views). The crops are decoded once to --image_size in memory (16.7k training
 crops at 96 px: about 460 MB; --real_max keeps the first N); --real_pose_balance draws every
-|yaw| group equally often. A ~30-minute fine-tune of the
-shipped net on the 2-core CPU (about 0.8 s per step of 8 pairs when the CPU is not shared, plus
-2-3 min to compile; the fit of all 17,590 crops takes about 2 min):
+|yaw| group equally often. --init starts from a file of the same network, or from one of half
+the --width, widened to the same function (models.dff.widen; the shipped width-16 network was
+made so from the width-8 one). A ~20-minute fine-tune of the shipped width-16 net on the 2-core
+CPU (about 0.8 s per step of 8 pairs when the CPU is not shared, plus 1-3 min to compile; the fit
+of all 17,590 crops takes about 2 min):
 
   python -m data_prep.aflw_pseudo68 --aflw_dir=../shared/data/aflw_3ddfa \
       --output=/tmp/dffreal/AFLW_GT_pseudo68.npz
   python -m experiments.train_dff --workdir=/tmp/dffreal/ft --init=dff3d/assets/dff.npz \
-      --steps=2000 --batch_size=8 --image_size=96 --width=8 --learning_rate=5e-4 \
+      --steps=1500 --batch_size=8 --image_size=96 --width=16 --learning_rate=1.5e-4 \
       --real_aflw_dir=../shared/data/aflw_3ddfa \
       --real_pseudo68=/tmp/dffreal/AFLW_GT_pseudo68.npz --real_fraction=0.5 \
       --output=/tmp/dffreal/ft/dff.npz
@@ -53,7 +55,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl and ch
 _STEPS = flags.DEFINE_integer("steps", 3000, "Training steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "View pairs per step (2x images).")
 _SIZE = flags.DEFINE_integer("image_size", 96, "Training crop side (divisible by 2**levels).")
-_WIDTH = flags.DEFINE_integer("width", 8, "DFFNet channels at full resolution.")
+_WIDTH = flags.DEFINE_integer("width", 8, "DFFNet channels at full resolution (shipped: 16).")
 _LEVELS = flags.DEFINE_integer("levels", 4, "DFFNet down-samplings.")
 _DIM = flags.DEFINE_integer("descriptor_dim", 32, "Descriptor dimension.")
 _LR = flags.DEFINE_float("learning_rate", 2e-3, "Peak Adam learning rate (cosine decay).")
