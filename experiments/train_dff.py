@@ -49,7 +49,6 @@ from dff3d import dff_training
 from dff3d import morphable_model as mm
 from dff3d.data import real
 from dff3d.models import dff as dff_lib
-from dff3d.models.light import WIDEN_NOISE
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl and checkpoints.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Training steps.")
@@ -112,21 +111,6 @@ def real_pairs_per_step() -> int:
   return n_real
 
 
-def initial_params(path, net: dff_lib.DFFNet, seed: int):
-  """`net`'s params from the DFF file `path`: a file of the same network as it is, one of half
-  its width widened (dff.widen, kernels perturbed by WIDEN_NOISE with `seed`); any other
-  network raises app.UsageError naming the file."""
-  init_net, params = dff_lib.load_dff(path)
-  if init_net.config() == net.config():
-    return params
-  if init_net.clone(width=2 * init_net.width).config() == net.config():
-    _, params = dff_lib.widen(params, init_net, jax.random.PRNGKey(seed), WIDEN_NOISE)
-    print(f"--init {path}: width {init_net.width} widened to {net.width}", flush=True)
-    return params
-  raise app.UsageError(f"--init {path}: config {init_net.config()} is neither {net.config()} "
-                       "nor half its width")
-
-
 def main(argv):
   del argv
   if _WORKDIR.value is None:
@@ -145,7 +129,13 @@ def main(argv):
   state = dff_training.create_train_state(
       jax.random.key(_SEED.value, impl="unsafe_rbg"), net, _LR.value, _STEPS.value, _SIZE.value)
   if _INIT.value:
-    state = state.replace(params=initial_params(_INIT.value, net, _SEED.value))
+    try:
+      params, widened = dff_lib.load_dff_as(_INIT.value, net, jax.random.PRNGKey(_SEED.value))
+    except dff_lib.DFFFileError as e:
+      raise app.UsageError(f"--init: {e}") from None
+    if widened:
+      print(f"--init {_INIT.value}: widened to width {net.width}", flush=True)
+    state = state.replace(params=params)
   n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(state.params))
   print(f"DFFNet {net.config()}: {n_params} params; {_STEPS.value} steps of {_BATCH.value} "
         f"pairs at {_SIZE.value} px; loss {config}", flush=True)

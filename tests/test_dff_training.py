@@ -11,6 +11,7 @@ from dff3d import dff_training
 from dff3d import morphable_model as mm
 from dff3d import synthetic
 from dff3d.models import dff as dff_lib
+from dff3d.models import light
 
 SIZE = 32
 ASSET = pathlib.Path(dff_lib.__file__).resolve().parents[1] / "assets" / "dff.npz"
@@ -144,19 +145,19 @@ def test_frozen_dff_gives_no_gradient_to_params(tmp_path):
   assert float(jnp.abs(gx).max()) > 0.0
 
 
-def test_train_dff_init_widens_a_half_width_file_and_refuses_others(tmp_path):
-  from absl import app
-  from experiments import train_dff
+def test_load_dff_as_widens_a_half_width_file_and_refuses_others(tmp_path):
   net = dff_lib.DFFNet(width=4, levels=2, descriptor_dim=8)
   params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
   path = tmp_path / "narrow.npz"
   dff_lib.save_dff_params(path, params, net, dtype=np.float32)
-  same = train_dff.initial_params(path, net, 0)
+  same, widened = dff_lib.load_dff_as(path, net, jax.random.PRNGKey(0))
+  assert not widened
   np.testing.assert_array_equal(same["out"]["kernel"], params["out"]["kernel"])
-  wide = net.clone(width=8)
-  got = train_dff.initial_params(path, wide, 3)
-  _, expected = dff_lib.widen(params, net, jax.random.PRNGKey(3), train_dff.WIDEN_NOISE)
+  key = jax.random.PRNGKey(3)
+  got, widened = dff_lib.load_dff_as(path, net.clone(width=8), key)
+  _, expected = dff_lib.widen(params, net, key, light.WIDEN_NOISE)
+  assert widened
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(app.UsageError, match="narrow.npz.*neither"):
-    train_dff.initial_params(path, net.clone(width=12), 0)
+  with pytest.raises(dff_lib.DFFFileError, match="narrow.npz.*neither"):
+    dff_lib.load_dff_as(path, net.clone(width=12), key)

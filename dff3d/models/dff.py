@@ -160,6 +160,19 @@ def widen(params, net: DFFNet, key=None, noise: float = 0.0) -> Tuple[DFFNet, di
   return wide, light.widen_params(params, one, key, noise)
 
 
+def load_dff_as(path, net: DFFNet, key) -> Tuple[dict, bool]:
+  """(params for `net`, widened?) from the DFF file `path`: a file of the same network as it
+  is; one of half its width through `widen` (kernels perturbed by light.WIDEN_NOISE drawn with
+  `key`). Any other network raises DFFFileError naming the file."""
+  file_net, params = load_dff(path)
+  if file_net.config() == net.config():
+    return params, False
+  if file_net.clone(width=2 * file_net.width).config() == net.config():
+    return widen(params, file_net, key, light.WIDEN_NOISE)[1], True
+  raise DFFFileError(f"{os.fspath(path)}: network {file_net.config()} is neither "
+                     f"{net.config()} nor half its width")
+
+
 # ---- parameter files ----------------------------------------------------------------------
 
 def _as_config(net_or_config: Union[DFFNet, Mapping[str, Any]]) -> dict:
