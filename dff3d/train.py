@@ -517,15 +517,12 @@ def load_regressor(checkpoint: str = "shipped", model: Optional[mm.MorphableMode
   return fn
 
 
-WIDEN_NOISE = light.WIDEN_NOISE
-
-
 def load_init_params(config: TrainConfig, model: mm.MorphableModel):
   """The float32 parameters of config.init_params, checked to be this config's network
   (backbone, width, head, crop size); ValueError / FileNotFoundError naming the source.
   A "mean"-pool source for a "flatten" config is expanded to the same function
   (light.expand_head); a light source of half this config's width is widened to about the
-  same function (light.widen, kernels perturbed by WIDEN_NOISE so the copies can part)."""
+  same function (light.widen, kernels perturbed by light.WIDEN_NOISE so the copies can part)."""
   params, source = read_params(config.init_params, model)
   expand = source.pool == "mean" and config.pool == "flatten"
   wider = (config.backbone == "light" and config.width == 2 * source.width
@@ -544,7 +541,7 @@ def load_init_params(config: TrainConfig, model: mm.MorphableModel):
         f"x{config.width} at {config.image_size} px{pool(config)}")
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   if wider:
-    params = light.widen(params, jax.random.PRNGKey(config.seed), WIDEN_NOISE)
+    params = light.widen(params, jax.random.PRNGKey(config.seed), light.WIDEN_NOISE)
   return light.expand_head(params, config.image_size) if expand else params
 
 

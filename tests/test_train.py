@@ -193,7 +193,7 @@ def test_init_params_starts_from_saved_parameters_and_rejects_another_network(tm
     train.init_from(fresh, cfg.replace(init_params=path, width=0.5), model, tx)
   # Twice the width: widened (light.widen), kernels perturbed by the config's seed.
   wide = train.load_init_params(cfg.replace(init_params=path, width=0.25), model)
-  expected = light.widen(saved, jax.random.PRNGKey(cfg.seed), train.WIDEN_NOISE)
+  expected = light.widen(saved, jax.random.PRNGKey(cfg.seed), light.WIDEN_NOISE)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(wide),
                          jax.device_get(expected))
   wide_net = train.make_network(cfg.replace(width=0.25), model)
