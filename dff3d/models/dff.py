@@ -30,7 +30,6 @@ load, plus '__config__', a JSON string of the DFFNet attributes (width, levels, 
 max_width, norm), so loading needs only the path.
 """
 
-import json
 import os
 from typing import Optional, Any, Callable, Mapping, Tuple, Union
 
@@ -38,10 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from dff3d.models import heads
 from dff3d.models import light
+from dff3d.models import param_files
 from dff3d.models.light import num_groups
 
 CONFIG_KEY = "__config__"
@@ -195,12 +194,7 @@ def save_dff_params(path, params, config: Union[DFFNet, Mapping[str, Any]],
     config: the DFFNet (or a dict of its CONFIG_FIELDS) the params belong to.
     dtype: storage dtype of the arrays (float16 halves the file; loads cast up to float32).
   """
-  if set(params) == {"params"}:
-    params = params["params"]
-  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  arrays = {k: np.asarray(v).astype(dtype) for k, v in flat.items()}
-  arrays[CONFIG_KEY] = np.array(json.dumps(_as_config(config), sort_keys=True))
-  np.savez_compressed(path, **arrays)
+  param_files.write(path, params, CONFIG_KEY, _as_config(config), dtype)
 
 
 def load_dff(path) -> Tuple[DFFNet, dict]:
@@ -209,33 +203,15 @@ def load_dff(path) -> Tuple[DFFNet, dict]:
   Raises DFFFileError naming the file when it is missing, unreadable, has no config, or its
   arrays do not match the network its config describes.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise DFFFileError(f"{path}: DFF parameter file not found")
+  arrays, config = param_files.read(path, CONFIG_KEY, DFFFileError, "DFF parameter")
   try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
-  except Exception as e:  # noqa: BLE001 - any numpy/zip failure is a bad file
-    raise DFFFileError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
-  if CONFIG_KEY not in arrays:
-    raise DFFFileError(f"{path}: no '{CONFIG_KEY}' entry (not written by save_dff_params?)")
-  try:
-    net = DFFNet(**_as_config(json.loads(str(arrays.pop(CONFIG_KEY)))))
+    net = DFFNet(**_as_config(config))
   except (ValueError, TypeError) as e:
-    raise DFFFileError(f"{path}: bad '{CONFIG_KEY}' entry: {e}") from None
+    raise DFFFileError(f"{os.fspath(path)}: bad '{CONFIG_KEY}' entry: {e}") from None
   size = 2 ** net.levels
-  expected = jax.eval_shape(lambda k: net.init(k, jnp.zeros((1, size, size, 3))),
-                            jax.random.PRNGKey(0))["params"]
-  expected = traverse_util.flatten_dict(expected, sep="/")
-  if set(expected) != set(arrays):
-    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-    raise DFFFileError(f"{path}: params do not match config {net.config()}: "
-                       f"missing {missing[:5]}, unexpected {extra[:5]}")
-  for k, v in expected.items():
-    if arrays[k].shape != v.shape:
-      raise DFFFileError(f"{path}: '{k}' has shape {arrays[k].shape}, expected {v.shape}")
-  params = traverse_util.unflatten_dict(
-      {k: jnp.asarray(v.astype(np.float32)) for k, v in arrays.items()}, sep="/")
+  init = lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+  params = param_files.unflatten_checked(path, arrays, init, DFFFileError,
+                                         f"config {net.config()}")
   return net, params
 
 
