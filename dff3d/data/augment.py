@@ -219,6 +219,19 @@ def rotate(image, landmarks, angle_deg: float, centre=None):
   return warp_affine(image, a, h, w), transform_points(a, landmarks)
 
 
+def quarter_turn(image, points, k: int):
+  """The image and its points (K, >=2) turned by k * 90 degrees counter-clockwise on screen
+  (np.rot90 of the array: exact, no resampling; rotation_affine's direction). Columns past
+  x, y (e.g. depth) pass through. Returns (image (W, H, 3) or (H, W, 3), points float64)."""
+  pts = np.array(points, np.float64)
+  w = np.shape(image)[1]
+  for _ in range(int(k) % 4):
+    image = np.rot90(image)
+    pts[:, :2] = np.stack([pts[:, 1], w - pts[:, 0]], -1)
+    w = np.shape(image)[1]
+  return np.ascontiguousarray(image), pts
+
+
 def scale_colours(image, factors):
   """image * factors per RGB channel, clipped to [0, 1]: (H, W, 3) float32."""
   image = np.asarray(image)
