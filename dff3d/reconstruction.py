@@ -4,7 +4,9 @@ Array functions behind experiments/reconstruct.py and experiments/evaluate.py: c
 with data.augment.crop_to_landmarks, fit (dff3d.fitting) or regress the coefficients in fixed-
 size batches (one compilation), and map landmarks back to the photo. For faces known only by a
 detector's rectangle: detect.crop_box frames a first crop, regress_from_boxes regresses it,
-re-crops at the predicted landmarks and regresses again.
+re-crops at the predicted landmarks and regresses again. With a quarter-turn classifier
+(dff3d.orientation) the regressor's crops are framed in the frame where each face stands
+upright, so faces on their side or upside down are read as upright ones.
 """
 
 import functools
@@ -18,6 +20,7 @@ from dff3d import camera
 from dff3d import coefficients as coeffs_lib
 from dff3d import fitting
 from dff3d import morphable_model as mm
+from dff3d import orientation as orientation_lib
 from dff3d import render as render_lib
 from dff3d import shading
 from dff3d.data import augment
@@ -36,6 +39,9 @@ class FaceResult(NamedTuple):
   vertices: (N, 3) the mesh in model space (the model's units).
   photo_vertices: (N, 3) the mesh in photo x, y pixels and z like landmarks_3d's.
   reference_depth: d0, the crop-camera depth at which z is 0 (the 68 points' mean depth).
+  quarter_turns: k when the face was read as turned by k * 90 degrees counter-clockwise and
+    its crop made in the photo turned back (orientation.upright_crop_affine); coefficients
+    are the crop's, photo_rotation the head's pose in the photo.
   The 68 landmarks are the points the reconstruction matched: with config.contour
   'silhouette' (a fit or a refinement) the 17 jaw points slid along the outline, else the
   fixed landmark vertices.
@@ -50,6 +56,43 @@ class FaceResult(NamedTuple):
   vertices: np.ndarray
   photo_vertices: np.ndarray
   reference_depth: float
+  quarter_turns: int = 0
+
+  @property
+  def photo_rotation(self) -> np.ndarray:
+    """(3,) pitch, yaw, roll radians of the head in the photo's frame: the coefficients'
+    rotation is the crop's, which is turned by -quarter_turns * 90 degrees from the photo."""
+    return photo_rotation(self.coefficients.rotation, self.quarter_turns)
+
+
+def photo_rotation(rotation, quarter_turns: int) -> np.ndarray:
+  """(3,) float32 angles of a crop-frame rotation (3,) seen in a photo whose face stands
+  upright in the crop after a turn of -quarter_turns * 90 degrees (a roll of the camera:
+  R_photo = Rz(quarter_turns * pi / 2) R_crop; positive roll turns counter-clockwise on
+  screen, as augment.rotation_affine does)."""
+  k = int(quarter_turns) % 4
+  rotation = np.asarray(rotation, np.float64)
+  if k == 0:
+    return rotation.astype(np.float32)
+  r = np.asarray(camera.rotation_matrix(rotation), np.float64)
+  turn = np.asarray(camera.rotation_matrix(np.array([0.0, 0.0, k * np.pi / 2])), np.float64)
+  return np.asarray(camera.angles_from_matrix(turn @ r), np.float32)
+
+
+def upright_crops(faces, size: int, quarter_turns=None):
+  """(crop (S, S, 3), landmarks (68, 2) crop pixels, affine (2, 3) photo -> crop, k)
+  per (image, landmarks (68, 2)) face: augment.crop_to_landmarks's framing, in the frame
+  turned by -k * 90 degrees (orientation.upright_crop_affine) when quarter_turns gives k."""
+  out = []
+  for i, (image, pts) in enumerate(faces):
+    k = 0 if quarter_turns is None else int(quarter_turns[i]) % 4
+    if k == 0:
+      out.append(augment.crop_to_landmarks(image, pts, size) + (0,))
+      continue
+    affine = orientation_lib.upright_crop_affine(pts, k, size)
+    out.append((augment.warp_affine(image, affine, size, size),
+                augment.transform_points(affine, pts), affine, k))
+  return out
 
 
 def landmarks_to_photo(screen_landmarks, crop_affine, image_size, reference_depth=None):
@@ -85,7 +128,8 @@ _screen_landmarks = jax.jit(fitting.screen_landmarks, static_argnames=("image_si
 def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig,
                       batch_size: int = 8, regressor: Optional[Callable] = None,
                       on_batch: Optional[Callable[[int], None]] = None,
-                      dff_fn: Optional[Callable] = None) -> List[FaceResult]:
+                      dff_fn: Optional[Callable] = None, orientation: Optional[Callable] = None,
+                      quarter_turns=None) -> List[FaceResult]:
   """Reconstruct faces given as (image (H, W, 3) float32, landmarks (68, 2)) pairs.
 
   Args:
@@ -96,16 +140,22 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
     on_batch: called with the number of faces finished after each batch (progress).
     dff_fn: optional frozen DFF (images -> unit descriptors): adds L_dff to the photometric
       stage (models.dff.load_frozen_dff).
+    orientation: optional quarter-turn classifier (orientation.load_orientation): each face
+      is cropped where it stands upright (upright_crops); quarter_turns: or the turns (n,)
+      themselves. Without either every crop is the photo's own frame.
   Returns:
     FaceResult per input face, in order.
   """
-  cropped = [augment.crop_to_landmarks(image, pts, config.image_size) for image, pts in faces]
+  if orientation is not None and quarter_turns is None:
+    quarter_turns = orientation_lib.quarter_turns(orientation, faces)
+  cropped = upright_crops(faces, config.image_size, quarter_turns)
   return _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn)
 
 
 def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn):
   """reconstruct_faces on (crop (S, S, 3), target landmarks (68, 2) crop pixels or None,
-  affine (2, 3) photo -> crop) triples; targets are used only by a fit or a refinement."""
+  affine (2, 3) photo -> crop, quarter turns k) tuples; targets are used only by a fit or a
+  refinement."""
   s = config.image_size
   results = []
   slide = config.contour == "silhouette" and (regressor is None or config.photo_steps > 0)
@@ -127,7 +177,7 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
     screen = np.asarray(r.screen_vertices)
     verts = np.asarray(mm.geometry(model, c)[0])
     for row, i in enumerate(idx):
-      crop, _, affine = cropped[i]
+      crop, _, affine, turns = cropped[i]
       d0 = float(screen_lm[row, :, 2].mean())
       lm3 = landmarks_to_photo(screen_lm[row], affine, s, d0)
       results.append(FaceResult(
@@ -136,7 +186,7 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
           landmarks_2d=lm3[:, :2], landmarks_3d=lm3,
           rendering=np.asarray(r.image[row]), mask=np.asarray(r.skin_mask[row]),
           vertices=verts[row], photo_vertices=landmarks_to_photo(screen[row], affine, s, d0),
-          reference_depth=d0))
+          reference_depth=d0, quarter_turns=turns))
     if on_batch is not None:
       on_batch(len(idx))
   return results
@@ -145,7 +195,9 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
 def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfig,
                        regressor: Callable, batch_size: int = 8,
                        on_batch: Optional[Callable[[int], None]] = None,
-                       dff_fn: Optional[Callable] = None) -> List[FaceResult]:
+                       dff_fn: Optional[Callable] = None,
+                       orientation: Optional[Callable] = None,
+                       quarter_turns=None) -> List[FaceResult]:
   """Two passes of a regressor for faces located only by a box (e.g. detect.crop_box).
 
   Pass 1 regresses the crop of each box (only approximately framed); pass 2 is
@@ -157,15 +209,26 @@ def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfi
     faces: (image (H, W, 3) float32, box (4,) x0, y0, x1, y1 photo pixels) pairs.
     config: FitConfig; image_size is the crop side (the regressor's own).
     regressor, batch_size, on_batch (called in pass 2 only), dff_fn: as reconstruct_faces.
+    orientation: optional quarter-turn classifier (orientation.load_orientation): it reads
+      each box once; both passes crop in the frame where the face stands upright.
+    quarter_turns: optional (n,) turns already known (e.g. a face found in a turned copy of
+      the photo); None entries are read by `orientation` (0 without one).
   Returns:
     FaceResult per input face, in order (pass 2's).
   """
   s = config.image_size
+  known = [None] * len(faces) if quarter_turns is None else list(quarter_turns)
+  turns = np.array([0 if k is None else int(k) % 4 for k in known], np.int64)
+  unknown = [i for i, k in enumerate(known) if k is None]
+  if orientation is not None and unknown:
+    corners = [(faces[i][0], orientation_lib.box_points(faces[i][1])) for i in unknown]
+    turns[unknown] = orientation_lib.quarter_turns(orientation, corners)
   cropped = []
-  for image, box in faces:
-    affine = augment.crop_affine(box, s)
-    cropped.append((augment.warp_affine(image, affine, s, s), None, affine))
+  for (image, box), k in zip(faces, turns):
+    affine = orientation_lib.upright_box_affine(box, k, s)
+    cropped.append((augment.warp_affine(image, affine, s, s), None, affine, int(k)))
   first = _reconstruct_crops(model, cropped, config.replace(photo_steps=0), batch_size,
                              regressor, None, None)
   again = [(image, face.landmarks_2d) for (image, _), face in zip(faces, first)]
-  return reconstruct_faces(model, again, config, batch_size, regressor, on_batch, dff_fn)
+  return reconstruct_faces(model, again, config, batch_size, regressor, on_batch, dff_fn,
+                           quarter_turns=turns)

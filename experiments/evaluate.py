@@ -23,6 +23,8 @@ ICP-aligned (rigid + scale, started from the 68-landmark similarity fit) to each
 cloud, mean point distance normalised by the 68-point box.
 AFLW-LFPA: NME over the visible of its 34 points; it needs --lfpa_vertices, a .npy of the 34
 model vertex ids (the 34-point scheme has no established mapping to the ICT model).
+--turn_photos=90|180|270 turns every photo and its ground truth counter-clockwise first (a
+robustness check: faces on their side or upside down; --upright is the library's answer).
 An image whose labels or pixels cannot be read, or without a detected face, is one line on
 stderr and in "failed_images"; the run goes on.
 """
@@ -71,6 +73,11 @@ _PASSES = flags.DEFINE_integer("passes", 1, "With --checkpoint and --face_box=gr
                                "takes 2 passes).")
 _FLIP = flags.DEFINE_bool("flip_average", False, "With --checkpoint: also regress each crop's "
                           "mirror image and average the two estimates (twice the cost).")
+_UPRIGHT = flags.DEFINE_bool("upright", False, "With --checkpoint: read each face's quarter "
+                             "turn (the shipped dff3d.orientation classifier) and crop it where "
+                             "it stands upright (the job's default).")
+_TURN = flags.DEFINE_enum("turn_photos", "0", ["0", "90", "180", "270"], "Turn every photo and "
+                          "its ground truth by this many degrees counter-clockwise first.")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
 _DENSE_GT = flags.DEFINE_string("dense_gt", None, "Folder of <stem>.npy (P, 3) ground-truth "
                                 "mesh vertices in the frame of pt3d_68 (image x, y, z pixels).")
@@ -150,6 +157,16 @@ def lfpa_labels(item):
           "yaw_deg": lab["yaw_deg"]}
 
 
+def turned_labels(image, lab, k):
+  """(image, labels) turned by k quarter turns counter-clockwise (augment.quarter_turn):
+  'gt_2d' and, when present, 'gt_3d' (its z unchanged) move with the pixels."""
+  lab = dict(lab)
+  turned, lab["gt_2d"] = augment.quarter_turn(image, lab["gt_2d"], k)
+  if "gt_3d" in lab:
+    lab["gt_3d"] = augment.quarter_turn(image, lab["gt_3d"], k)[1]
+  return turned, lab
+
+
 def load_items(dataset, data_dir):
   """(items, failures): items a list of (image_path, labels dict with 'gt_2d' (K, 2),
   'visible', 'yaw_deg', ...); failures one line per image whose labels cannot be read."""
@@ -184,6 +201,9 @@ def summary(result):
   n = result.get("passes")
   passes = f", {n} pass{'es' if n > 1 else ''}" if n else ""
   passes += ", flip-averaged" if result.get("flip_average") else ""
+  if result.get("upright"):
+    turned = sum(result["quarter_turns"][1:])
+    passes += f", upright ({turned} face{'s' if turned != 1 else ''} read as turned)"
   box = f"face box: {result['face_box']}{passes}; " if result["face_box"] else ""
   return (f"{result['num_images']} images, {result['failures']} failures ({box}"
           f"{result['faces_not_found']} faces not found)")
@@ -213,7 +233,8 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
-             face_box="ground_truth", detector="auto", passes=1, flip_average=False):
+             face_box="ground_truth", detector="auto", passes=1, flip_average=False,
+             upright=False, turn_deg=0):
   """Figures dict (see module doc) for a dataset folder.
 
   checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
@@ -224,7 +245,14 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     reconstruction.regress_from_boxes from that crop's box: re-crop at pass 1's landmarks).
   flip_average: with a checkpoint, average each crop's estimate with its mirror image's
     (train.load_regressor).
+  upright: with a checkpoint, crop each face where it stands upright (the shipped
+    quarter-turn classifier, dff3d.orientation; "quarter_turns" in the result counts the
+    faces read as turned by 0, 1, 2, 3 quarters).
+  turn_deg: 0, 90, 180 or 270: each photo and its ground truth turned counter-clockwise by it
+    (augment.quarter_turn) before anything else.
   """
+  if turn_deg not in (0, 90, 180, 270):
+    raise ValueError(f"turn_deg must be 0, 90, 180 or 270, got {turn_deg}")
   if face_box == "detector" and not checkpoint:
     raise ValueError("--face_box=detector needs --checkpoint (the per-image fit takes its "
                      "landmarks from --landmarks)")
@@ -240,11 +268,17 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     from dff3d import train
     regressor = train.load_regressor(checkpoint, model, flip_average=flip_average)
     config = config.replace(image_size=regressor.image_size)  # crops it was trained on
+  classify = None
+  if checkpoint and upright:
+    from dff3d import orientation
+    classify = orientation.load_orientation()
   items, failures = load_items(dataset, data_dir)
   faces, kept, kept_paths, not_found = [], [], [], 0
   for path, lab in items:
     try:
       image = io.read_image(path)
+      if turn_deg:
+        image, lab = turned_labels(image, lab, turn_deg // 90)
       faces.append((image, locate_face(image, lab, dataset, checkpoint, landmarks, face_box,
                                        detector)))
     except Exception as e:  # noqa: BLE001 - one line per failed image, the run goes on
@@ -254,19 +288,25 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     kept.append(lab)
     kept_paths.append(path)
   if checkpoint and face_box == "detector":
-    out = reconstruction.regress_from_boxes(model, faces, config, regressor, batch_size)
+    out = reconstruction.regress_from_boxes(model, faces, config, regressor, batch_size,
+                                            orientation=classify)
   elif passes == 2:
     boxed = [(image, augment.face_box(pts, image_shape=image.shape)) for image, pts in faces]
-    out = reconstruction.regress_from_boxes(model, boxed, config, regressor, batch_size)
+    out = reconstruction.regress_from_boxes(model, boxed, config, regressor, batch_size,
+                                            orientation=classify)
   else:
-    out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor)
+    out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor,
+                                           orientation=classify)
   yaw = np.array([lab["yaw_deg"] for lab in kept], np.float64)
   result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures,
             "face_box": face_box if checkpoint else None, "faces_not_found": not_found,
             "detector": detector if (face_box == "detector" or not checkpoint) else None,
             "refine_steps": config.photo_steps if checkpoint else None,
             "passes": (2 if face_box == "detector" else passes) if checkpoint else None,
-            "flip_average": bool(flip_average) if checkpoint else None}
+            "flip_average": bool(flip_average) if checkpoint else None,
+            "upright": bool(upright) if checkpoint else None, "turn_deg": turn_deg,
+            "quarter_turns": (np.bincount([f.quarter_turns for f in out], minlength=4).tolist()
+                              if checkpoint else None)}
   if dataset == "aflw2000_3d":
     pred = np.stack([f.landmarks_2d for f in out]) if out else np.zeros((0, 68, 2))
     gt = np.stack([lab["gt_2d"] for lab in kept]) if kept else np.zeros((0, 68, 2))
@@ -318,7 +358,8 @@ def main(argv):
     result = evaluate(_DATASET.value, _DATA_DIR.value, mm.default_model(), config,
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
                       _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value,
-                      _DETECTOR.value, _PASSES.value, _FLIP.value)
+                      _DETECTOR.value, _PASSES.value, _FLIP.value, _UPRIGHT.value,
+                      int(_TURN.value))
   except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":

@@ -59,6 +59,9 @@ _REFINE = flags.DEFINE_integer("refine_steps", 0, "Photometric refinement steps 
                                "regressor (0: regression only; see BUILD_NOTES).")
 _FLIP = flags.DEFINE_bool("flip_average", True, "Regressor path: also regress each face's "
                           "mirror image and average the two estimates (twice the network).")
+_UPRIGHT = flags.DEFINE_bool("upright", True, "Faces at any in-plane turn: where dlib finds "
+                             "none, look in the photo turned by 90, 270, 180 degrees; read each "
+                             "face's quarter turn (dff3d.orientation) and regress it upright.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Crop side of the fit to landmarks.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Faces per compiled batch.")
 _PHOTO_STEPS = flags.DEFINE_integer("photo_steps", 40, "Photometric steps of the fit to "
@@ -104,7 +107,9 @@ def main(argv):
       regressor=regressor, landmarks=_LANDMARKS.value, detector=_DETECTOR.value,
       refine_steps=_REFINE.value, batch_size=_BATCH.value, min_score=_MIN_SCORE.value,
       upsample=_UPSAMPLE.value, cnn_max_side=_CNN_MAX_SIDE.value, dff_fn=dff_fn,
-      flip_average=_FLIP.value, fit_config=fitting.FitConfig(image_size=_SIZE.value, photo_steps=_PHOTO_STEPS.value,
+      flip_average=_FLIP.value, orientation="shipped" if _UPRIGHT.value else None,
+      turned_photos=_UPRIGHT.value,
+      fit_config=fitting.FitConfig(image_size=_SIZE.value, photo_steps=_PHOTO_STEPS.value,
                                    contour=_CONTOUR.value))
   config = job.JobConfig(output_dir=_OUTPUT_DIR.value, kinds=kinds, overwrite=_OVERWRITE.value,
                          texture_size=_TEXTURE_SIZE.value, chunk_images=_CHUNK.value,

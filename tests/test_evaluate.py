@@ -268,3 +268,29 @@ def test_checkpoint_paths_load_a_real_regressor(aflw_dir, tmp_path):
   np.testing.assert_allclose(got.rotation, want.rotation, atol=1e-4)
   np.testing.assert_allclose(got.identity, want.identity, atol=1e-4)
   assert np.abs(np.asarray(want.rotation)).max() > 1e-3  # not the frontal mean face
+
+
+def test_turned_photos_and_upright_crops(aflw_dir, stub, monkeypatch):
+  """--turn_photos turns each photo and its ground truth; --upright crops each face where it
+  stands upright (here a stub classifier that reads every face as turned by 180 degrees), so
+  the regressor sees the crops of the photos as they were and the figures are the same."""
+  from dff3d import orientation
+  monkeypatch.setattr(orientation, "load_orientation",
+                      lambda path=None: (lambda crops: np.eye(4)[np.full(len(crops), 2)]))
+  base = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                           batch_size=4, checkpoint="shipped")
+  upright_crops = stub.calls[-1]
+  turned = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                             batch_size=4, checkpoint="shipped", turn_deg=180)
+  assert turned["turn_deg"] == 180 and turned["quarter_turns"] == [3, 0, 0, 0]
+  assert np.abs(stub.calls[-1][:3] - upright_crops[:3]).max() > 0.3  # upside-down crops
+  read = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                           batch_size=4, checkpoint="shipped", turn_deg=180, upright=True)
+  assert read["quarter_turns"] == [0, 0, 3, 0] and read["upright"] is True
+  assert "upright (3 faces read as turned)" in evaluate.summary(read)
+  np.testing.assert_allclose(stub.calls[-1][:3], upright_crops[:3], atol=1e-5)
+  np.testing.assert_allclose(read["per_image_nme"], base["per_image_nme"], atol=1e-5)
+  assert read["nme_3d"] == pytest.approx(base["nme_3d"], abs=1e-5)
+  with pytest.raises(ValueError, match="turn_deg"):
+    evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                      batch_size=4, checkpoint="shipped", turn_deg=45)
