@@ -12,15 +12,16 @@ points moved by a box jitter (scale U(1 - a, 1 + a), shift U(-b, b) of the side:
 detector's box or a first pass's landmarks are not the truth), the photo rotated so that the
 face's own turn becomes k * 90 degrees plus a uniform +-tilt; the label is k. The face's own
 turn is where the pseudo-68 fit (its "coefficients") points the head's up axis in the image
-(face_rolls): 7 % of AFLW's faces are turned by more than 45 degrees, and labelling them by
-the applied turn alone taught the first classifier that sideways faces are upright
-(BUILD_NOTES, "Orientation"). Crops the fit did not cover are left out. Pixels outside the 120 px crop (3DDFA's
-box, black in the files) are filled with a random colour and noise, so that where the padding
-lies (which turns with the face) is no cue. Also a random mirror image and colour scale.
-The network starts from --init_regressor's backbone (orientation.from_regressor; default the
-shipped regressor: it already reads faces) with a new head. Adam with cosine decay,
-softmax cross-entropy. Validation: every validation-split crop at
-each k with a fixed tilt draw; accuracy overall and at |tilt| <= 30 degrees.
+(face_rolls; 0.9 % of AFLW's faces are turned by more than 45 degrees): labelling crops by
+the applied turn alone, as the first tries did, taught the classifier that sideways faces are
+upright, and the fit's roll angle is no measure of it for profiles (BUILD_NOTES, "Session
+18"). Crops the fit did not cover are left out. Pixels outside the 120 px crop (3DDFA's box,
+black in the files) are filled with a random colour and noise, so that where the padding lies
+(which turns with the face) is no cue. Also a random mirror image and colour scale. The
+network starts from --init_regressor's backbone (orientation.from_regressor; default the
+shipped regressor: it already reads faces) with a new head. Adam with cosine decay, softmax
+cross-entropy. Validation: every validation-split crop at each k with a fixed tilt draw;
+accuracy overall and at |tilt| <= 30 degrees.
 
 Writes workdir/metrics.jsonl (step, loss, accuracy; val_accuracy, val_accuracy_tilt30) and
 --output (float16).
