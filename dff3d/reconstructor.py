@@ -171,6 +171,8 @@ class Reconstructor:
     if regressor is None and landmarks == "regressor":
       raise ValueError("landmarks='regressor' needs a regressor (e.g. 'shipped')")
     self.regressor = regressor
+    if isinstance(orientation, str) and regressor is None:
+      orientation = None  # only the regressor path reads turns (a fit takes any pose)
     if isinstance(orientation, str):
       from dff3d import orientation as orientation_lib  # pylint: disable=g-import-not-at-top
       orientation = orientation_lib.load_orientation(
