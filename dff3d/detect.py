@@ -433,6 +433,46 @@ def detect_boxes(image, detector: str = "auto", upsample=None, min_score=None,
   return nms(cnn() + hog, nms_iou)
 
 
+TURNS = (1, 3, 2)  # quarter turns tried: a person lying on either side first, then upside down
+
+
+class TurnedBox(NamedTuple):
+  """A face found in a turned copy of a photo, in the photo's own pixels.
+
+  box: the Box as found, in the turned copy's pixels (for landmarks_in_box(turned, box)).
+  turn: the copy is the photo turned by `turn` quarter turns counter-clockwise.
+  turned: the copy (H', W', 3), as detect_boxes saw it.
+  rect: (4,) float32 the box's rectangle in photo pixels (its bounds, turned back).
+  crop_box: (4,) float32 crop_box(box) in photo pixels (turned back: still a square).
+  """
+  box: Box
+  turn: int
+  turned: np.ndarray
+  rect: np.ndarray
+  crop_box: np.ndarray
+
+
+def detect_turned(image, detector: str = "auto", **options) -> list[TurnedBox]:
+  """Faces of the first turned copy of an image (90, 270, then 180 degrees counter-clockwise,
+  TURNS) in which detect_boxes finds any: for photos where it finds none as they are (dlib's
+  detectors find mostly upright faces). detector "auto" becomes "hog" here: in the copy that
+  matters the face stands upright, where HOG finds it at a tenth of auto's cost on a photo
+  without a face (0.15 against 1.2-1.8 s at 600 px). options: detect_boxes's others.
+  Returns [] when no copy has a face."""
+  from dff3d.data import augment  # pylint: disable=g-import-not-at-top
+  if detector == "auto":
+    detector = "hog"
+  for turn in TURNS:
+    turned = np.ascontiguousarray(np.rot90(image, turn))
+    boxes = detect_boxes(turned, detector, **options)
+    if boxes:
+      back = lambda r: augment.turn_points(np.reshape(r, (2, 2)), turned.shape, -turn)
+      bounds = lambda c: np.concatenate([c.min(0), c.max(0)]).astype(np.float32)
+      return [TurnedBox(b, turn, turned, bounds(back(b.rect)), bounds(back(crop_box(b))))
+              for b in boxes]
+  return []
+
+
 def landmarks_in_box(image, box) -> np.ndarray:
   """dlib's 68 landmarks of the face in a box.
 

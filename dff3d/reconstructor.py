@@ -221,33 +221,22 @@ class Reconstructor:
         return [Located(b.rect, b.score, b.source, detect.landmarks_in_box(image, b))
                 for b in boxes]
       return [Located(b.rect, b.score, b.source) for b in boxes]
-    # in the turned copies a face stands upright, where dlib's HOG detector finds it at a
-    # tenth of the CNN's cost (measured on a 600 px photo without a face: 0.15 s against 1.2-1.8
-    # s per copy); "cnn" and "both" keep the detector asked for
-    options = dict(self.detect_options)
-    if options["detector"] == "auto":
-      options["detector"] = "hog"
-    for turn in (1, 3, 2):  # a person lying on either side first, then upside down
-      turned = augment.quarter_turn(image, np.zeros((0, 2)), turn)[0]
-      boxes = detect.detect_boxes(turned, **options)
-      if boxes:
-        return [self._turned_back(turned, b, turn) for b in boxes]
-    return []
+    found = detect.detect_turned(image, **self.detect_options)
+    return [self._turned_back(t) for t in found]
 
-  def _turned_back(self, turned, box, turn: int) -> Located:
-    """A Box found in the photo turned by `turn` quarter turns, as a Located of the photo."""
+  def _turned_back(self, found) -> Located:
+    """A detect.TurnedBox as a Located of the photo (dlib's landmarks, in landmarks="dlib"
+    mode, found in the turned copy and turned back)."""
     from dff3d import detect
-    back = lambda pts: augment.quarter_turn(turned, pts, -turn)[1].astype(np.float32)
-    corners = lambda r: back(np.reshape(np.asarray(r, np.float64), (2, 2)))
-    bounds = lambda c: np.concatenate([c.min(0), c.max(0)])
     landmarks = None
     if self.landmarks == "dlib":
-      landmarks = back(detect.landmarks_in_box(turned, box))
+      pts = detect.landmarks_in_box(found.turned, found.box)
+      landmarks = augment.turn_points(pts, found.turned.shape, -found.turn).astype(np.float32)
     # dlib's CNN also finds faces on their side, so a face found in a turned copy need not
     # stand upright there: the classifier reads its turn when there is one
-    turns = None if self.orientation is not None else (-turn) % 4
-    return Located(bounds(corners(box.rect)), box.score, box.source, landmarks,
-                   quarter_turns=turns, crop_box=bounds(corners(detect.crop_box(box))))
+    turns = None if self.orientation is not None else (-found.turn) % 4
+    return Located(found.rect, found.box.score, found.box.source, landmarks,
+                   quarter_turns=turns, crop_box=found.crop_box)
 
   def reconstruct_located(self, faces) -> List[Face]:
     """Reconstruct (image (H, W, 3) float32, Located) pairs, batched across images.

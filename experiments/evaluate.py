@@ -75,7 +75,9 @@ _FLIP = flags.DEFINE_bool("flip_average", False, "With --checkpoint: also regres
                           "mirror image and average the two estimates (twice the cost).")
 _UPRIGHT = flags.DEFINE_bool("upright", False, "With --checkpoint: read each face's quarter "
                              "turn (the shipped dff3d.orientation classifier) and crop it where "
-                             "it stands upright (the job's default).")
+                             "it stands upright; with --face_box=detector also search photos "
+                             "without a detection turned by 90, 270, 180 degrees (the job's "
+                             "defaults).")
 _TURN = flags.DEFINE_enum("turn_photos", "0", ["0", "90", "180", "270"], "Turn every photo and "
                           "its ground truth by this many degrees counter-clockwise first.")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
@@ -98,13 +100,26 @@ def closest_detection(image, gt_points, detector="auto"):
   return box
 
 
-def locate_face(image, lab, dataset, checkpoint, landmarks, face_box, detector="auto"):
+def locate_face(image, lab, dataset, checkpoint, landmarks, face_box, detector="auto",
+                turned_photos=False):
   """What the reconstruction starts from: (68, 2) landmarks (ground truth, or dlib's in the
   detected box for the per-image fit with landmarks="detector"), or with a checkpoint and
-  face_box="detector" the (4,) crop box of the detected box (detect.crop_box). Raises
-  NoFaceDetected."""
+  face_box="detector" the (4,) crop box of the detected box (detect.crop_box). With
+  turned_photos, a photo where the detector finds no face is searched turned by 90, 270 and
+  180 degrees (detect.detect_turned, as the job does) and the crop box comes back in the
+  photo's pixels. Raises NoFaceDetected."""
   if checkpoint and face_box == "detector":
-    return detect.crop_box(closest_detection(image, lab["gt_2d"], detector))
+    try:
+      return detect.crop_box(closest_detection(image, lab["gt_2d"], detector))
+    except NoFaceDetected:
+      if not turned_photos:
+        raise
+    centre = np.asarray(lab["gt_2d"]).mean(0)
+    distance = lambda t: np.linalg.norm((t.crop_box[:2] + t.crop_box[2:]) / 2 - centre)
+    found = min(detect.detect_turned(image, detector), key=distance, default=None)
+    if found is None:
+      raise NoFaceDetected("no face detected (also turned by 90, 270, 180 degrees)")
+    return found.crop_box
   if checkpoint or landmarks == "ground_truth":
     if dataset != "aflw2000_3d":
       raise ValueError("ground-truth 68 landmarks exist only for AFLW2000-3D")
@@ -247,7 +262,8 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     (train.load_regressor).
   upright: with a checkpoint, crop each face where it stands upright (the shipped
     quarter-turn classifier, dff3d.orientation; "quarter_turns" in the result counts the
-    faces read as turned by 0, 1, 2, 3 quarters).
+    faces read as turned by 0, 1, 2, 3 quarters); with face_box="detector" also search the
+    photos without a detection turned (locate_face).
   turn_deg: 0, 90, 180 or 270: each photo and its ground truth turned counter-clockwise by it
     (augment.quarter_turn) before anything else.
   """
@@ -280,7 +296,7 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
       if turn_deg:
         image, lab = turned_labels(image, lab, turn_deg // 90)
       faces.append((image, locate_face(image, lab, dataset, checkpoint, landmarks, face_box,
-                                       detector)))
+                                       detector, turned_photos=upright)))
     except Exception as e:  # noqa: BLE001 - one line per failed image, the run goes on
       not_found += isinstance(e, NoFaceDetected)
       failures.append(failure_line(path, e))

@@ -294,3 +294,31 @@ def test_turned_photos_and_upright_crops(aflw_dir, stub, monkeypatch):
   with pytest.raises(ValueError, match="turn_deg"):
     evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
                       batch_size=4, checkpoint="shipped", turn_deg=45)
+
+
+def test_upright_detector_path_searches_turned_photos(aflw_dir, stub, monkeypatch):
+  """--upright with the detector's box: a photo where the detector finds nothing is searched
+  turned (detect.detect_turned) and the face found there is regressed from its crop box, in
+  photo pixels; without --upright it is a face not found."""
+  from dff3d import detect
+  from dff3d import orientation
+  monkeypatch.setattr(orientation, "load_orientation",
+                      lambda path=None: (lambda crops: np.eye(4)[np.zeros(len(crops), int)]))
+  monkeypatch.setattr(detect, "detect_boxes", lambda image, detector="auto": [])
+  gt = _gt_points(aflw_dir, 0)
+  box = np.concatenate([gt.min(0) - 8, gt.max(0) + 8]).astype(np.float32)
+  box[3] = box[1] + (box[2] - box[0])  # a square crop box
+  found = detect.TurnedBox(detect.Box(box, 1.0, "hog"), 1, np.zeros((4, 4, 3)), box, box)
+  asked = []
+  monkeypatch.setattr(detect, "detect_turned",
+                      lambda image, detector="auto": asked.append(detector) or [found])
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="ckpt", face_box="detector", upright=True)
+  assert res["faces_not_found"] == 0 and res["num_images"] == 3 and asked == ["auto"] * 3
+  s = STUB_SIZE
+  image = io.read_image(aflw_dir / "image00000.jpg")
+  np.testing.assert_allclose(stub.calls[0][0], augment.warp_affine(
+      image, augment.crop_affine(box, s), s, s), atol=1e-5)
+  res = evaluate.evaluate("aflw2000_3d", str(aflw_dir), mm.default_model(), CONFIG,
+                          batch_size=4, checkpoint="ckpt", face_box="detector")
+  assert res["faces_not_found"] == 3 and len(asked) == 3

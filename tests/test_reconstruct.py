@@ -235,3 +235,19 @@ def test_landmarks_to_photo_inverts_the_crop():
   np.testing.assert_allclose(out[:, 0], 10 + pts[:, 0] * 2, atol=1e-3)
   np.testing.assert_allclose(out[:, 1], 20 + pts[:, 1] * 2, atol=1e-3)
   np.testing.assert_allclose(out[:, 2], 0.0, atol=1e-4)
+
+
+def test_detect_turned_finds_the_upside_down_face_in_photo_pixels(astronaut):
+  upright = detect.detect_boxes(astronaut)
+  turned = augment.quarter_turn(astronaut, np.zeros((0, 2)), 2)[0]
+  assert detect.detect_boxes(turned) == []  # dlib misses it as it is
+  found = detect.detect_turned(turned)
+  assert len(found) == 1 and found[0].turn in detect.TURNS
+  t = found[0]
+  expected = augment.quarter_turn(astronaut, np.reshape(detect.crop_box(upright[0]), (2, 2)), 2)[1]
+  side = np.ptp(expected, 0).max()
+  got = np.reshape(t.crop_box, (2, 2))
+  assert np.ptp(got[:, 0]) == pytest.approx(np.ptp(got[:, 1]), rel=1e-4)  # still a square
+  # the same face, framed from the turned copy: its centre within a fifth of the box
+  assert np.linalg.norm(got.mean(0) - expected.mean(0)) < 0.2 * side
+  np.testing.assert_allclose(t.turned, np.rot90(turned, t.turn))

@@ -219,17 +219,24 @@ def rotate(image, landmarks, angle_deg: float, centre=None):
   return warp_affine(image, a, h, w), transform_points(a, landmarks)
 
 
+def turn_points(points, shape, turns: int) -> np.ndarray:
+  """(K, 2) float64 points of an image of `shape` (H, W, ...) in that image turned by `turns`
+  quarter turns counter-clockwise (np.rot90's turn; x' = y, y' = W - x per turn)."""
+  pts = np.array(points, np.float64).reshape(-1, 2)
+  h, w = shape[:2]
+  for _ in range(int(turns) % 4):
+    pts = np.stack([pts[:, 1], w - pts[:, 0]], -1)
+    h, w = w, h
+  return pts
+
+
 def quarter_turn(image, points, k: int):
   """The image and its points (K, >=2) turned by k * 90 degrees counter-clockwise on screen
   (np.rot90 of the array: exact, no resampling; rotation_affine's direction). Columns past
   x, y (e.g. depth) pass through. Returns (image (W, H, 3) or (H, W, 3), points float64)."""
   pts = np.array(points, np.float64)
-  w = np.shape(image)[1]
-  for _ in range(int(k) % 4):
-    image = np.rot90(image)
-    pts[:, :2] = np.stack([pts[:, 1], w - pts[:, 0]], -1)
-    w = np.shape(image)[1]
-  return np.ascontiguousarray(image), pts
+  pts[:, :2] = turn_points(pts[:, :2], np.shape(image), k)
+  return np.ascontiguousarray(np.rot90(image, int(k) % 4)), pts
 
 
 def scale_colours(image, factors):
