@@ -89,12 +89,18 @@ class NoFaceDetected(ValueError):
   """The detector found no face in an image."""
 
 
+def nearest(candidates, box_of, gt_points):
+  """The candidate whose box (box_of(candidate): (4,) x0, y0, x1, y1) has its centre nearest
+  the centre of the ground-truth points (K, 2); None when there is none."""
+  centre = np.asarray(gt_points).mean(0)
+  distance = lambda c: np.linalg.norm((box_of(c)[:2] + box_of(c)[2:]) / 2 - centre)
+  return min(candidates, key=distance, default=None)
+
+
 def closest_detection(image, gt_points, detector="auto"):
   """The detected face (detect.Box) whose rectangle centre is nearest the centre of the
   ground-truth points (K, 2); NoFaceDetected when there is none."""
-  centre = np.asarray(gt_points).mean(0)
-  distance = lambda b: np.linalg.norm((b.rect[:2] + b.rect[2:]) / 2 - centre)
-  box = min(detect.detect_boxes(image, detector), key=distance, default=None)
+  box = nearest(detect.detect_boxes(image, detector), lambda b: b.rect, gt_points)
   if box is None:
     raise NoFaceDetected("no face detected")
   return box
@@ -114,9 +120,7 @@ def locate_face(image, lab, dataset, checkpoint, landmarks, face_box, detector="
     except NoFaceDetected:
       if not turned_photos:
         raise
-    centre = np.asarray(lab["gt_2d"]).mean(0)
-    distance = lambda t: np.linalg.norm((t.crop_box[:2] + t.crop_box[2:]) / 2 - centre)
-    found = min(detect.detect_turned(image, detector), key=distance, default=None)
+    found = nearest(detect.detect_turned(image, detector), lambda t: t.crop_box, lab["gt_2d"])
     if found is None:
       raise NoFaceDetected("no face detected (also turned by 90, 270, 180 degrees)")
     return found.crop_box
