@@ -358,3 +358,33 @@ def fit(model: mm.MorphableModel, images, landmarks_2d, config: FitConfig = FitC
   if config.photo_steps > 0:
     c = fit_photometric(model, c, images, landmarks_2d, config, visible, dff_fn)
   return c
+
+
+ANCHORED_FIELDS = ("rotation", "translation", "identity", "expression")
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "steps", "blendshapes"))
+def _fit_anchored_jit(problem, c0, target, anchor, learning_rate, image_size: int, steps: int,
+                      blendshapes: bool):
+  def loss(c):
+    pred = predicted_landmarks(problem, c, image_size, False)
+    land = jnp.mean(jnp.sum(jnp.square((pred - target) / image_size), (-1, -2)))
+    moved = sum(jnp.sum(jnp.square((getattr(c, k) - getattr(c0, k)) / FIELD_SCALES[k]))
+                for k in ANCHORED_FIELDS) / target.shape[0]
+    return land + anchor * moved
+
+  return _adam_loop(loss, c0, ANCHORED_FIELDS, steps, learning_rate, blendshapes)
+
+
+def fit_anchored(model: mm.MorphableModel, c0: coeffs_lib.Coefficients, landmarks_2d,
+                 image_size: int, steps: int = 60, anchor: float = 1e-4,
+                 learning_rate: float = 0.03) -> coeffs_lib.Coefficients:
+  """Move faces c0 (B, ...) so that their 68 fixed-contour points meet landmarks_2d (B, 68, 2)
+  crop pixels (crop side image_size), staying near c0: Adam on pose, identity and
+  expression over  sum_i ||v_i - t_i||^2 / S^2 + anchor * ||(c - c0) / FIELD_SCALES||^2
+  (every point weighted alike). Albedo and lighting are kept. Used after the landmark
+  refiner (dff3d.refine), so that the mesh follows the refined points."""
+  problem = landmark_problem(model, False)
+  return _fit_anchored_jit(problem, c0, jnp.asarray(landmarks_2d, jnp.float32),
+                           jnp.float32(anchor), jnp.float32(learning_rate), int(image_size),
+                           int(steps), is_blendshape_model(model))

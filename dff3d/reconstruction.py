@@ -21,6 +21,7 @@ from dff3d import coefficients as coeffs_lib
 from dff3d import fitting
 from dff3d import morphable_model as mm
 from dff3d import orientation as orientation_lib
+from dff3d import refine as refine_lib
 from dff3d import render as render_lib
 from dff3d import shading
 from dff3d.data import augment
@@ -129,7 +130,8 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
                       batch_size: int = 8, regressor: Optional[Callable] = None,
                       on_batch: Optional[Callable[[int], None]] = None,
                       dff_fn: Optional[Callable] = None, orientation: Optional[Callable] = None,
-                      quarter_turns=None) -> List[FaceResult]:
+                      quarter_turns=None, refiner: Optional[Callable] = None
+                      ) -> List[FaceResult]:
   """Reconstruct faces given as (image (H, W, 3) float32, landmarks (68, 2)) pairs.
 
   Args:
@@ -143,16 +145,20 @@ def reconstruct_faces(model: mm.MorphableModel, faces, config: fitting.FitConfig
     orientation: optional quarter-turn classifier (orientation.load_orientation): each face
       is cropped where it stands upright (upright_crops); quarter_turns: or the turns (n,)
       themselves. Without either every crop is the photo's own frame.
+    refiner: optional landmark refiner (refine.load_refiner) for the regressor path: it
+      moves the regressed face's 68 points (refine.refine_faces), and the face follows them.
   Returns:
     FaceResult per input face, in order.
   """
   if orientation is not None and quarter_turns is None:
     quarter_turns = orientation_lib.quarter_turns(orientation, faces)
   cropped = upright_crops(faces, config.image_size, quarter_turns)
-  return _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn)
+  return _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn,
+                            refiner)
 
 
-def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn):
+def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, dff_fn,
+                       refiner=None):
   """reconstruct_faces on (crop (S, S, 3), target landmarks (68, 2) crop pixels or None,
   affine (2, 3) photo -> crop, quarter turns k) tuples; targets are used only by a fit or a
   refinement."""
@@ -170,6 +176,8 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
       c = fitting.fit(model, x, t, config, dff_fn=dff_fn)
     else:
       c = regressor(jnp.asarray(x))
+      if refiner is not None:
+        c = refine_lib.refine_faces(model, refiner, jnp.asarray(x), c)
       if config.photo_steps > 0:
         c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)
@@ -197,7 +205,8 @@ def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfi
                        on_batch: Optional[Callable[[int], None]] = None,
                        dff_fn: Optional[Callable] = None,
                        orientation: Optional[Callable] = None,
-                       quarter_turns=None) -> List[FaceResult]:
+                       quarter_turns=None, refiner: Optional[Callable] = None
+                       ) -> List[FaceResult]:
   """Two passes of a regressor for faces located only by a box (e.g. detect.crop_box).
 
   Pass 1 regresses the crop of each box (only approximately framed); pass 2 is
@@ -213,6 +222,7 @@ def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfi
       each box once; both passes crop in the frame where the face stands upright.
     quarter_turns: optional (n,) turns already known (e.g. a face found in a turned copy of
       the photo); None entries are read by `orientation` (0 without one).
+    refiner: optional landmark refiner, in both passes (as reconstruct_faces).
   Returns:
     FaceResult per input face, in order (pass 2's).
   """
@@ -228,7 +238,7 @@ def regress_from_boxes(model: mm.MorphableModel, faces, config: fitting.FitConfi
     affine = orientation_lib.upright_box_affine(box, k, s)
     cropped.append((augment.warp_affine(image, affine, s, s), None, affine, int(k)))
   first = _reconstruct_crops(model, cropped, config.replace(photo_steps=0), batch_size,
-                             regressor, None, None)
+                             regressor, None, None, refiner)
   again = [(image, face.landmarks_2d) for (image, _), face in zip(faces, first)]
   return reconstruct_faces(model, again, config, batch_size, regressor, on_batch, dff_fn,
-                           quarter_turns=turns)
+                           quarter_turns=turns, refiner=refiner)

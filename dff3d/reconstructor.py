@@ -153,6 +153,11 @@ class Reconstructor:
       one): dlib's detectors find mostly upright faces. With detector "auto" the turned copies
       go to the HOG detector alone (about 0.15 s each on a 600 px photo), so a photo without a
       face costs up to three HOG detections more.
+    refiner: the regressor path's landmark refiner (dff3d.refine): "auto" (default: the
+      shipped refiner with the shipped regressor, none with another one, whose errors it was
+      not trained on), "shipped", a file written by refine.save_refiner, a callable (crops,
+      points) -> points with `.image_size`, or None. Each regressed face moves to the
+      refiner's 68 points (refine.refine_faces), so mesh and landmarks stay one face.
   """
 
   def __init__(self, model: Optional[mm.MorphableModel] = None, regressor="shipped",
@@ -161,10 +166,11 @@ class Reconstructor:
                min_score: Optional[float] = None, upsample: Optional[int] = None,
                max_side: Optional[int] = None, cnn_max_side: Optional[int] = None,
                dff_fn=None, flip_average: bool = True, orientation="shipped",
-               turned_photos: bool = True):
+               turned_photos: bool = True, refiner="auto"):
     if landmarks not in LANDMARK_MODES:
       raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {landmarks!r}")
     self.model = model if model is not None else mm.default_model()
+    regressor_name = regressor if isinstance(regressor, str) else None
     if isinstance(regressor, str):
       from dff3d import train  # the network side only when a regressor is used
       regressor = train.load_regressor(regressor, self.model, flip_average=flip_average)
@@ -178,6 +184,7 @@ class Reconstructor:
       orientation = orientation_lib.load_orientation(
           None if orientation == "shipped" else orientation)
     self.orientation = orientation
+    self.refiner = _load_refiner(refiner, regressor, regressor_name)
     self.turned_photos = bool(turned_photos)
     self.landmarks = landmarks
     self.detector = detector
@@ -264,7 +271,8 @@ class Reconstructor:
       res = reconstruction.regress_from_boxes(self.model, pairs, config, self.regressor,
                                               self.batch_size, dff_fn=self.dff_fn,
                                               orientation=self.orientation,
-                                              quarter_turns=[loc.quarter_turns for loc in locs])
+                                              quarter_turns=[loc.quarter_turns for loc in locs],
+                                              refiner=self.refiner)
       for i, r in zip(box_idx, res):
         out[i] = _face(faces[i][1], r, config.image_size)
     return out
@@ -280,6 +288,23 @@ class Reconstructor:
     if len(good) < len(faces):
       warnings.warn(f"{len(faces) - len(good)} face(s) dropped: reconstruction diverged")
     return good
+
+
+def _load_refiner(refiner, regressor, regressor_name: Optional[str]):
+  """Reconstructor's `refiner` argument as a callable or None (see the class doc); a refiner
+  made for crops of another size than the regressor's is a ValueError."""
+  if refiner == "auto":
+    refiner = "shipped" if regressor_name == "shipped" else None
+  if regressor is None or refiner is None:
+    return None  # the refiner moves a regressed face's points
+  if isinstance(refiner, str):
+    from dff3d import refine  # pylint: disable=g-import-not-at-top
+    refiner = refine.load_refiner(None if refiner == "shipped" else refiner)
+  size = getattr(refiner, "image_size", None)
+  if size is not None and size != regressor.image_size:
+    raise ValueError(f"the refiner reads {size} px crops, the regressor "
+                     f"{regressor.image_size} px")
+  return refiner
 
 
 def _face(loc: Located, r: reconstruction.FaceResult, crop_size: int) -> Face:

@@ -78,6 +78,9 @@ _UPRIGHT = flags.DEFINE_bool("upright", False, "With --checkpoint: read each fac
                              "it stands upright; with --face_box=detector also search photos "
                              "without a detection turned by 90, 270, 180 degrees (the job's "
                              "defaults).")
+_REFINER = flags.DEFINE_string("refiner", "", "With --checkpoint: the landmark refiner "
+                               "(dff3d.refine) after the regressor: 'shipped' or a file of "
+                               "refine.save_refiner; empty: none (the job uses the shipped one).")
 _TURN = flags.DEFINE_enum("turn_photos", "0", ["0", "90", "180", "270"], "Turn every photo and "
                           "its ground truth by this many degrees counter-clockwise first.")
 _LFPA_VERTICES = flags.DEFINE_string("lfpa_vertices", None, ".npy of 34 model vertex ids.")
@@ -159,16 +162,6 @@ def load_lfpa_vertices(path, model):
   return ids
 
 
-def aflw2000_labels(mat_path):
-  """Labels of one AFLW2000-3D .mat: 'gt_2d' (68, 2), 'gt_3d' (68, 3) (dff3d pixels),
-  'yaw_deg', 'visible' (68,)."""
-  lab = aflw2000_3d.load_aflw2000_3d_mat(mat_path)
-  pt3d = lab["landmarks_3d"].copy()
-  pt3d[:, :2] += 0.5  # 0-based centres -> dff3d convention
-  return {"gt_2d": pt3d[:, :2], "gt_3d": pt3d, "yaw_deg": lab["yaw_deg"],
-          "visible": np.ones(68, bool)}
-
-
 def lfpa_labels(item):
   """Labels of one AFLW-LFPA item: 'gt_2d' (34, 2), 'visible' (34,), 'yaw_deg'."""
   lab = aflw_lfpa.load_aflw_lfpa(item)
@@ -191,7 +184,7 @@ def load_items(dataset, data_dir):
   'visible', 'yaw_deg', ...); failures one line per image whose labels cannot be read."""
   if dataset == "aflw2000_3d":
     sources = aflw2000_3d.list_aflw2000_3d(data_dir).pairs  # (image, .mat) paths
-    read = aflw2000_labels
+    read = aflw2000_3d.ground_truth
   else:
     sources = [(item.image, item) for item in aflw_lfpa.list_aflw_lfpa(data_dir)]
     read = lfpa_labels
@@ -223,6 +216,7 @@ def summary(result):
   if result.get("upright"):
     turned = sum(result["quarter_turns"][1:])
     passes += f", upright ({turned} face{'s' if turned != 1 else ''} read as turned)"
+  passes += f", landmarks refined ({result['refiner']})" if result.get("refiner") else ""
   box = f"face box: {result['face_box']}{passes}; " if result["face_box"] else ""
   return (f"{result['num_images']} images, {result['failures']} failures ({box}"
           f"{result['faces_not_found']} faces not found)")
@@ -253,7 +247,7 @@ def dense_nme(model, out, kept, paths, dense_dir, image_size):
 def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
              landmarks="detector", seed=0, lfpa_vertices=None, dense_gt=None,
              face_box="ground_truth", detector="auto", passes=1, flip_average=False,
-             upright=False, turn_deg=0):
+             upright=False, turn_deg=0, refiner=""):
   """Figures dict (see module doc) for a dataset folder.
 
   checkpoint: None (per-image fit), a training workdir or "shipped", given as is to
@@ -270,6 +264,8 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     photos without a detection turned (locate_face).
   turn_deg: 0, 90, 180 or 270: each photo and its ground truth turned counter-clockwise by it
     (augment.quarter_turn) before anything else.
+  refiner: with a checkpoint, "" (none), "shipped" or a refiner file (refine.load_refiner):
+    the regressed faces move to the refiner's landmarks (refine.refine_faces).
   """
   if turn_deg not in (0, 90, 180, 270):
     raise ValueError(f"turn_deg must be 0, 90, 180 or 270, got {turn_deg}")
@@ -288,6 +284,12 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     from dff3d import train
     regressor = train.load_regressor(checkpoint, model, flip_average=flip_average)
     config = config.replace(image_size=regressor.image_size)  # crops it was trained on
+  if refiner and not checkpoint:
+    raise ValueError("--refiner needs --checkpoint (it refines the regressor's landmarks)")
+  refine_fn = None
+  if refiner:
+    from dff3d import refine
+    refine_fn = refine.load_refiner(None if refiner == "shipped" else refiner)
   classify = None
   if checkpoint and upright:
     from dff3d import orientation
@@ -309,14 +311,14 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
     kept_paths.append(path)
   if checkpoint and face_box == "detector":
     out = reconstruction.regress_from_boxes(model, faces, config, regressor, batch_size,
-                                            orientation=classify)
+                                            orientation=classify, refiner=refine_fn)
   elif passes == 2:
     boxed = [(image, augment.face_box(pts, image_shape=image.shape)) for image, pts in faces]
     out = reconstruction.regress_from_boxes(model, boxed, config, regressor, batch_size,
-                                            orientation=classify)
+                                            orientation=classify, refiner=refine_fn)
   else:
     out = reconstruction.reconstruct_faces(model, faces, config, batch_size, regressor,
-                                           orientation=classify)
+                                           orientation=classify, refiner=refine_fn)
   yaw = np.array([lab["yaw_deg"] for lab in kept], np.float64)
   result = {"num_images": len(kept), "failures": len(failures), "failed_images": failures,
             "face_box": face_box if checkpoint else None, "faces_not_found": not_found,
@@ -325,6 +327,7 @@ def evaluate(dataset, data_dir, model, config, batch_size, checkpoint=None,
             "passes": (2 if face_box == "detector" else passes) if checkpoint else None,
             "flip_average": bool(flip_average) if checkpoint else None,
             "upright": bool(upright) if checkpoint else None, "turn_deg": turn_deg,
+            "refiner": refiner or None,
             "quarter_turns": (np.bincount([f.quarter_turns for f in out], minlength=4).tolist()
                               if checkpoint else None)}
   if dataset == "aflw2000_3d":
@@ -379,7 +382,7 @@ def main(argv):
                       _BATCH.value, _CHECKPOINT.value, _LANDMARKS.value, _SEED.value,
                       _LFPA_VERTICES.value, _DENSE_GT.value, _FACE_BOX.value,
                       _DETECTOR.value, _PASSES.value, _FLIP.value, _UPRIGHT.value,
-                      int(_TURN.value))
+                      int(_TURN.value), _REFINER.value)
   except (aflw2000_3d.DatasetFormatError, FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DATASET.value == "aflw_lfpa":

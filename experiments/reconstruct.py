@@ -62,6 +62,10 @@ _FLIP = flags.DEFINE_bool("flip_average", True, "Regressor path: also regress ea
 _UPRIGHT = flags.DEFINE_bool("upright", True, "Faces at any in-plane turn: where dlib finds "
                              "none, look in the photo turned by 90, 270, 180 degrees; read each "
                              "face's quarter turn (dff3d.orientation) and regress it upright.")
+_REFINE_LANDMARKS = flags.DEFINE_bool("refine_landmarks", True, "Regressor path, shipped "
+                                      "regressor: move each face to the shipped landmark "
+                                      "refiner's 68 points (dff3d.refine), a second, local "
+                                      "look at the crop.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Crop side of the fit to landmarks.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Faces per compiled batch.")
 _PHOTO_STEPS = flags.DEFINE_integer("photo_steps", 40, "Photometric steps of the fit to "
@@ -108,7 +112,7 @@ def main(argv):
       refine_steps=_REFINE.value, batch_size=_BATCH.value, min_score=_MIN_SCORE.value,
       upsample=_UPSAMPLE.value, cnn_max_side=_CNN_MAX_SIDE.value, dff_fn=dff_fn,
       flip_average=_FLIP.value, orientation="shipped" if _UPRIGHT.value else None,
-      turned_photos=_UPRIGHT.value,
+      turned_photos=_UPRIGHT.value, refiner="auto" if _REFINE_LANDMARKS.value else None,
       fit_config=fitting.FitConfig(image_size=_SIZE.value, photo_steps=_PHOTO_STEPS.value,
                                    contour=_CONTOUR.value))
   config = job.JobConfig(output_dir=_OUTPUT_DIR.value, kinds=kinds, overwrite=_OVERWRITE.value,

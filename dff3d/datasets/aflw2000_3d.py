@@ -158,6 +158,17 @@ def load_aflw2000_3d_mat(path) -> dict:
   return out
 
 
+def ground_truth(path) -> dict:
+  """The benchmark's labels of one AFLW2000-3D .mat in dff3d's pixel convention (pixel i
+  covers [i, i + 1)): "gt_2d" (68, 2), "gt_3d" (68, 3) (pt3d_68 with x, y moved by half a
+  pixel), "yaw_deg", "visible" (68,) all True. Raises as load_aflw2000_3d_mat."""
+  lab = load_aflw2000_3d_mat(path)
+  pt3d = lab["landmarks_3d"].copy()
+  pt3d[:, :2] += 0.5  # 0-based centres -> dff3d convention
+  return {"gt_2d": pt3d[:, :2], "gt_3d": pt3d, "yaw_deg": lab["yaw_deg"],
+          "visible": np.ones(68, bool)}
+
+
 def list_aflw2000_3d(directory) -> Aflw2000Listing:
   """Finds the `imageNNNNN.jpg` + `imageNNNNN.mat` pairs of an AFLW2000-3D directory.
 
