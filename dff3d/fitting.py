@@ -19,7 +19,7 @@ crops come from dff3d.data.augment.crop_to_landmarks (face_box: scale 1.6).
 """
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import flax
 import jax
@@ -378,13 +378,15 @@ def _fit_anchored_jit(problem, c0, target, anchor, learning_rate, image_size: in
 
 def fit_anchored(model: mm.MorphableModel, c0: coeffs_lib.Coefficients, landmarks_2d,
                  image_size: int, steps: int = 60, anchor: float = 1e-4,
-                 learning_rate: float = 0.03) -> coeffs_lib.Coefficients:
+                 learning_rate: float = 0.03, problem: Optional[LandmarkProblem] = None
+                 ) -> coeffs_lib.Coefficients:
   """Move faces c0 (B, ...) so that their 68 fixed-contour points meet landmarks_2d (B, 68, 2)
   crop pixels (crop side image_size), staying near c0: Adam on pose, identity and
   expression over  sum_i ||v_i - t_i||^2 / S^2 + anchor * ||(c - c0) / FIELD_SCALES||^2
   (every point weighted alike). Albedo and lighting are kept. Used after the landmark
-  refiner (dff3d.refine), so that the mesh follows the refined points."""
-  problem = landmark_problem(model, False)
+  refiner (dff3d.refine), so that the mesh follows the refined points. problem: the model's
+  iBUG-68 landmark_problem when the caller already has one (its fixed rows are used)."""
+  problem = landmark_problem(model, False) if problem is None else problem
   return _fit_anchored_jit(problem, c0, jnp.asarray(landmarks_2d, jnp.float32),
                            jnp.float32(anchor), jnp.float32(learning_rate), int(image_size),
                            int(steps), is_blendshape_model(model))

@@ -177,7 +177,7 @@ def _reconstruct_crops(model, cropped, config, batch_size, regressor, on_batch, 
     else:
       c = regressor(jnp.asarray(x))
       if refiner is not None:
-        c = refine_lib.refine_faces(model, refiner, jnp.asarray(x), c)
+        c = refine_lib.refine_faces(model, refiner, jnp.asarray(x), c, problem=problem)
       if config.photo_steps > 0:
         c = fitting.fit_photometric(model, c, x, t, config, dff_fn=dff_fn)
     r = grey_render(model, c, s)

@@ -23,7 +23,7 @@ target, mirror and colour augmentation. Data, command and figures: BUILD_NOTES (
 """
 
 import os
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -189,13 +189,17 @@ def load_refiner(path=None, flip_average: bool = True) -> Callable:
 
 def refine_faces(model: mm.MorphableModel, refine: Callable, crops, c: coeffs_lib.Coefficients,
                  steps: int = REFIT_STEPS, anchor: float = REFIT_ANCHOR,
-                 learning_rate: float = REFIT_LEARNING_RATE) -> coeffs_lib.Coefficients:
+                 learning_rate: float = REFIT_LEARNING_RATE,
+                 problem: Optional[fitting.LandmarkProblem] = None) -> coeffs_lib.Coefficients:
   """Regressed faces c (B, ...) of crops (B, S, S, 3) in [0, 1] moved to the refiner's points:
   their 68 fixed-contour points are refined (refine: load_refiner's function, S its
-  image_size) and fitting.fit_anchored moves each face to them, near where it was."""
+  image_size) and fitting.fit_anchored moves each face to them, near where it was.
+  problem: the model's iBUG-68 fitting.landmark_problem, when the caller has one (a batch
+  loop builds it once, not per batch)."""
   s = crops.shape[1]
   if getattr(refine, "image_size", s) != s:
     raise ValueError(f"the refiner reads {refine.image_size} px crops, these are {s} px")
-  problem = fitting.landmark_problem(model, False)
+  problem = fitting.landmark_problem(model, False) if problem is None else problem
   points = fitting.predicted_landmarks(problem, c, s, False)
-  return fitting.fit_anchored(model, c, refine(crops, points), s, steps, anchor, learning_rate)
+  return fitting.fit_anchored(model, c, refine(crops, points), s, steps, anchor, learning_rate,
+                              problem)
